@@ -1,0 +1,345 @@
+"""BatchNormalization: what it means (Keras 3 semantics), as a layer and a pure NumPy function.
+
+How it becomes ONNX lives in `onnxbn/lowering/batch_normalization.py`; the ONNX
+kernel of the reference interpreter in `onnxbn/reference/kernels/`.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Any
+
+import numpy as np
+
+from onnxbn.dtypes import to_numpy_dtype
+from onnxbn.layers.input_spec import InputSpec
+from onnxbn.layers.layer import Layer, to_array
+from onnxbn.layers.moments import finish_moments, partial_moments, valid_positions
+from onnxbn.layers.registry import register_layer
+from onnxbn.tensor import SymbolicTensor
+
+
+def normalize_axis(axis: int, ndim: int, layer_name: str = "batch_normalization") -> int:
+    """`axis` in `[0, ndim)`, or a `ValueError` naming both."""
+    if not -ndim <= axis < ndim:
+        raise ValueError(
+            f"Invalid axis {axis} for layer {layer_name!r}: the input has rank {ndim}, "
+            f"so axis must be in [{-ndim}, {ndim})."
+        )
+    return axis % ndim
+
+
+def check_mask_rank(mask_ndim: int, mask_shape: Any, input_ndim: int, input_shape: Any) -> None:
+    """Keras's check: the mask has one dimension less than the inputs."""
+    if mask_ndim != input_ndim - 1:
+        raise ValueError(
+            "The mask provided should be one dimension less than the inputs. Received: "
+            f"mask.shape={tuple(mask_shape)}, inputs.shape={tuple(input_shape)}"
+        )
+
+
+def check_mask_broadcast(mask_shape: tuple, input_shape: tuple) -> None:
+    """The mask, expanded at its last axis, must broadcast to the input shape."""
+    expanded = tuple(mask_shape) + (1,)
+    for m, x in zip(expanded, input_shape):
+        if m is not None and x is not None and m not in (1, x):
+            raise ValueError(
+                f"The mask of shape {tuple(mask_shape)}, expanded at its last axis to "
+                f"{expanded}, does not broadcast to the input shape {tuple(input_shape)}."
+            )
+
+
+def batch_normalization(
+    x: np.ndarray,
+    *,
+    axis: int,
+    moving_mean: np.ndarray,
+    moving_variance: np.ndarray,
+    gamma: np.ndarray | None,
+    beta: np.ndarray | None,
+    momentum: float,
+    epsilon: float,
+    training: bool,
+    mask: np.ndarray | None = None,
+    compute_dtype: Any = "float32",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The layer's mathematics, with no state: `(y, new_moving_mean, new_moving_variance)`.
+
+    Training uses the batch mean and population variance (masked positions
+    excluded, Keras's `count + 1e-7` rule) and returns the updated moving
+    statistics `moving * momentum + batch * (1 - momentum)`; inference uses the
+    moving statistics and returns them unchanged. Everything is computed in
+    float64 and cast to `compute_dtype` at the end.
+
+    Args:
+        x: input array.
+        axis: channel axis (negative allowed).
+        moving_mean, moving_variance: per-channel moving statistics.
+        gamma, beta: per-channel scale and offset, or None when disabled.
+        momentum, epsilon: Keras hyper-parameters.
+        training: batch statistics (True) or moving statistics (False).
+        mask: optional mask of rank `x.ndim - 1`; non-zero = valid.
+        compute_dtype: dtype of `y` and of the returned statistics.
+
+    Returns:
+        `y` of `x.shape`, and the new moving mean and variance (unchanged in
+        inference, and for an empty unmasked batch, which holds no statistics).
+    """
+    ndim = x.ndim
+    axis = normalize_axis(axis, ndim)
+    out_dtype = to_numpy_dtype(compute_dtype)
+    mean64 = np.asarray(moving_mean, dtype=np.float64)
+    var64 = np.asarray(moving_variance, dtype=np.float64)
+    new_mean, new_var = mean64, var64
+    if training:
+        reduction_axes = tuple(a for a in range(ndim) if a != axis)
+        valid = None if mask is None else valid_positions(mask, x.shape)
+        count, mean, m2 = partial_moments(x, reduction_axes, valid)
+        batch_mean, batch_var = finish_moments(count, mean, m2, masked=valid is not None)
+        if valid is not None or x.size > 0:
+            new_mean = mean64 * momentum + batch_mean * (1.0 - momentum)
+            new_var = var64 * momentum + batch_var * (1.0 - momentum)
+        mean64, var64 = batch_mean, batch_var
+    shape = [1] * ndim
+    shape[axis] = x.shape[axis]
+    inv = 1.0 / np.sqrt(var64 + epsilon)
+    if gamma is not None:
+        inv = inv * np.asarray(gamma, dtype=np.float64)
+    offset = np.zeros_like(inv) if beta is None else np.asarray(beta, dtype=np.float64)
+    y = (np.asarray(x, dtype=np.float64) - mean64.reshape(shape)) * inv.reshape(shape)
+    y += offset.reshape(shape)
+    return y.astype(out_dtype), new_mean.astype(out_dtype), new_var.astype(out_dtype)
+
+
+def _check_real(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{what} must be a real number, received {value!r}.")
+    value = float(value)
+    if math.isnan(value) or math.isinf(value):
+        raise ValueError(f"{what} must be a finite number, received {value!r}.")
+    return value
+
+
+def _check_bool(value: Any, what: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{what} must be a bool, received {value!r}.")
+    return bool(value)
+
+
+@register_layer("keras.layers")
+class BatchNormalization(Layer):
+    """Layer that normalizes its inputs (Keras 3's `BatchNormalization`).
+
+    In training (`training=True` and `layer.trainable`) it normalizes with the
+    mean and population variance of the current batch and updates the moving
+    statistics: `moving = moving * momentum + batch * (1 - momentum)`.
+    Otherwise it normalizes with the moving statistics and writes nothing; a
+    frozen layer (`trainable=False`) runs in inference mode even with
+    `training=True`. The output is `gamma * (x - mean) / sqrt(var + epsilon) + beta`.
+
+    Float16 and bfloat16 inputs are computed in float32 (as Keras does) and
+    returned in the compute dtype; integer and bool inputs are computed in
+    float32; a `float64` layer computes in float64. Statistics are
+    accumulated in float64 by a two-pass algorithm.
+
+    Args:
+        axis: integer, the channel axis (negative allowed).
+        momentum: momentum of the moving averages, in [0, 1].
+        epsilon: non-negative float added to the variance.
+        center: if True, add the offset `beta`.
+        scale: if True, multiply by `gamma`.
+        beta_initializer, gamma_initializer, moving_mean_initializer,
+            moving_variance_initializer: initializers (name, config or object).
+        beta_regularizer, gamma_regularizer: optional regularizers.
+        beta_constraint, gamma_constraint: optional constraints.
+        synchronized: use the global batch statistics across processes in a
+            distributed run; identical to False in a single process.
+        renorm, renorm_clipping, renorm_momentum: Keras 3.14+ batch
+            renormalization keys; only `renorm=False` is supported.
+        **kwargs: base layer arguments (`name`, `dtype`, `trainable`).
+
+    Call arguments:
+        inputs: input array of any rank >= 1.
+        training: Python bool; batch statistics when True (and trainable).
+        mask: optional array of rank `inputs.ndim - 1`, broadcast to the inputs
+            after expansion at the last axis; non-zero entries are the positions
+            used for the batch statistics. Ignored in inference.
+
+    Returns:
+        The normalized array, same shape as `inputs`, in the compute dtype.
+
+    Raises:
+        TypeError: `axis` not an int, non-numeric hyper-parameters or inputs.
+        ValueError: NaN/Inf or out-of-range hyper-parameters, an axis out of
+            range, a mask of the wrong rank or shape.
+        NotImplementedError: `renorm=True`.
+    """
+
+    def __init__(
+        self,
+        axis: int = -1,
+        momentum: float = 0.99,
+        epsilon: float = 1e-3,
+        center: bool = True,
+        scale: bool = True,
+        beta_initializer: Any = "zeros",
+        gamma_initializer: Any = "ones",
+        moving_mean_initializer: Any = "zeros",
+        moving_variance_initializer: Any = "ones",
+        beta_regularizer: Any = None,
+        gamma_regularizer: Any = None,
+        beta_constraint: Any = None,
+        gamma_constraint: Any = None,
+        synchronized: bool = False,
+        renorm: bool = False,
+        renorm_clipping: Any = None,
+        renorm_momentum: float = 0.99,
+        **kwargs: Any,
+    ) -> None:
+        from onnxbn import constraints, initializers, regularizers
+
+        if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+            raise TypeError(
+                f"axis must be a single int (Keras 3), received {axis!r} "
+                f"of type {type(axis).__name__}."
+            )
+        self.axis = int(axis)
+        self.momentum = _check_real(momentum, "momentum")
+        if not 0.0 <= self.momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1], received {momentum!r}.")
+        self.epsilon = _check_real(epsilon, "epsilon")
+        if self.epsilon < 0:
+            raise ValueError(f"epsilon must be >= 0, received {epsilon!r}.")
+        self.center = _check_bool(center, "center")
+        self.scale = _check_bool(scale, "scale")
+        self.synchronized = _check_bool(synchronized, "synchronized")
+        if _check_bool(renorm, "renorm"):
+            raise NotImplementedError(
+                "BatchNormalization(renorm=True): batch renormalization is not implemented; "
+                "use renorm=False."
+            )
+        if renorm_clipping is not None and not isinstance(renorm_clipping, dict):
+            raise TypeError(f"renorm_clipping must be None or a dict, received {renorm_clipping!r}.")
+        self.renorm_clipping = renorm_clipping
+        self.renorm_momentum = _check_real(renorm_momentum, "renorm_momentum")
+        self.beta_initializer = initializers.get(beta_initializer)
+        self.gamma_initializer = initializers.get(gamma_initializer)
+        self.moving_mean_initializer = initializers.get(moving_mean_initializer)
+        self.moving_variance_initializer = initializers.get(moving_variance_initializer)
+        self.beta_regularizer = regularizers.get(beta_regularizer)
+        self.gamma_regularizer = regularizers.get(gamma_regularizer)
+        self.beta_constraint = constraints.get(beta_constraint)
+        self.gamma_constraint = constraints.get(gamma_constraint)
+        super().__init__(**kwargs)
+        self.supports_masking = True
+        self.gamma = self.beta = self.moving_mean = self.moving_variance = None
+
+    def build(self, input_shape: tuple[int | None, ...]) -> None:
+        ndim = len(input_shape)
+        axis = normalize_axis(self.axis, ndim, self.name)
+        channels = input_shape[axis]
+        if channels is None:
+            raise ValueError(
+                f"Layer {self.name!r}: the channel axis {self.axis} of input shape "
+                f"{tuple(input_shape)} is not defined; the weights need a fixed size."
+            )
+        shape = (channels,)
+        if self.scale:
+            self.gamma = self.add_weight(
+                shape, self.gamma_initializer, name="gamma",
+                regularizer=self.gamma_regularizer, constraint=self.gamma_constraint,
+            )
+        if self.center:
+            self.beta = self.add_weight(
+                shape, self.beta_initializer, name="beta",
+                regularizer=self.beta_regularizer, constraint=self.beta_constraint,
+            )
+        self.moving_mean = self.add_weight(
+            shape, self.moving_mean_initializer, name="moving_mean", trainable=False
+        )
+        self.moving_variance = self.add_weight(
+            shape, self.moving_variance_initializer, name="moving_variance", trainable=False
+        )
+        self.input_spec = InputSpec(ndim=ndim, axes={self.axis: channels})
+        self.built = True
+
+    def compute_output_spec(
+        self, inputs: SymbolicTensor, training: Any = None, mask: Any = None
+    ) -> SymbolicTensor:
+        normalize_axis(self.axis, inputs.ndim, self.name)
+        if mask is not None:
+            if not isinstance(mask, SymbolicTensor):
+                raise TypeError(
+                    f"Layer {self.name!r}: in a symbolic call the mask must be a "
+                    f"SymbolicTensor, received {type(mask).__name__}."
+                )
+            check_mask_rank(mask.ndim, mask.shape, inputs.ndim, inputs.shape)
+            check_mask_broadcast(mask.shape, inputs.shape)
+        if training is not None and not isinstance(training, (bool, np.bool_)):
+            raise TypeError(f"training must be a bool or None, received {training!r}.")
+        return SymbolicTensor(inputs.shape, self.compute_dtype)
+
+    def uses_batch_statistics(self, training: Any) -> bool:
+        """True iff a call with `training` normalizes with batch statistics."""
+        return bool(training) and self.trainable
+
+    def call(self, inputs: np.ndarray, training: Any = None, mask: Any = None) -> np.ndarray:
+        if training is not None and not isinstance(training, (bool, np.bool_)):
+            raise TypeError(f"training must be a bool or None, received {training!r}.")
+        x = inputs
+        normalize_axis(self.axis, x.ndim, self.name)
+        training = self.uses_batch_statistics(training)
+        if mask is not None:
+            mask = to_array(mask, f"Mask of layer {self.name!r}")
+            check_mask_rank(mask.ndim, mask.shape, x.ndim, x.shape)
+            if training:  # Keras ignores the mask in inference beyond its rank.
+                check_mask_broadcast(mask.shape, x.shape)
+        # Keras: result_type(inputs, float32): float64 stays, everything else is float32.
+        compute = "float64" if x.dtype == np.float64 else "float32"
+        y, new_mean, new_var = batch_normalization(
+            x,
+            axis=self.axis,
+            moving_mean=self.moving_mean.value,
+            moving_variance=self.moving_variance.value,
+            gamma=None if self.gamma is None else self.gamma.value,
+            beta=None if self.beta is None else self.beta.value,
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            training=training,
+            mask=mask if training else None,
+            compute_dtype=compute,
+        )
+        if training:
+            self.moving_mean.assign(new_mean)
+            self.moving_variance.assign(new_var)
+        return y.astype(to_numpy_dtype(self.compute_dtype))
+
+    def get_config(self) -> dict:
+        from onnxbn import constraints, initializers, regularizers
+
+        config = super().get_config()
+        config.update(
+            {
+                "axis": self.axis,
+                "momentum": self.momentum,
+                "epsilon": self.epsilon,
+                "center": self.center,
+                "scale": self.scale,
+                "beta_initializer": initializers.serialize(self.beta_initializer),
+                "gamma_initializer": initializers.serialize(self.gamma_initializer),
+                "moving_mean_initializer": initializers.serialize(self.moving_mean_initializer),
+                "moving_variance_initializer": initializers.serialize(
+                    self.moving_variance_initializer
+                ),
+                "beta_regularizer": regularizers.serialize(self.beta_regularizer),
+                "gamma_regularizer": regularizers.serialize(self.gamma_regularizer),
+                "beta_constraint": constraints.serialize(self.beta_constraint),
+                "gamma_constraint": constraints.serialize(self.gamma_constraint),
+                "synchronized": self.synchronized,
+                "renorm": False,
+                "renorm_clipping": self.renorm_clipping,
+                "renorm_momentum": self.renorm_momentum,
+            }
+        )
+        return config

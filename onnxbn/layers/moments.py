@@ -1,0 +1,85 @@
+"""Numerically stable batch moments: partial (count, mean, M2) and Keras's masked finish.
+
+Everything here accumulates in float64 and never uses `E[x²] − E[x]²`, which
+loses every digit on data such as `1e4 + N(0, 1)` in float32. The partial form
+`(count, mean, M2)` combines across replicas with Chan et al.'s parallel formula.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Keras's global `backend.epsilon()`, added to the count in masked moments.
+MASK_EPSILON = 1e-7
+
+
+def valid_positions(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Boolean array of `shape`: the mask expanded at its last axis and broadcast (Keras rule)."""
+    expanded = np.expand_dims(np.asarray(mask) != 0, axis=-1)
+    return np.broadcast_to(expanded, shape)
+
+
+def partial_moments(
+    x: np.ndarray, reduction_axes: tuple[int, ...], valid: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-channel `(count, mean, M2)` in float64, by two passes.
+
+    Args:
+        x: input array.
+        reduction_axes: every axis but the channel axis.
+        valid: optional boolean array of `x.shape`; invalid positions (even NaN
+            or Inf there) do not reach the statistics.
+
+    Returns:
+        `count`, `mean`, `M2 = Σ (x - mean)²`, each of the channel's shape; a
+        channel with no valid position has mean 0 and M2 0.
+    """
+    x64 = np.asarray(x, dtype=np.float64)
+    if valid is None:
+        size = int(np.prod([x.shape[a] for a in reduction_axes], dtype=np.int64))
+        keep = [d for a, d in enumerate(x.shape) if a not in reduction_axes]
+        count = np.full(keep, float(size))
+        if size == 0:
+            return count, np.zeros(keep), np.zeros(keep)
+        mean = x64.mean(axis=reduction_axes, keepdims=True)
+        m2 = np.square(x64 - mean).sum(axis=reduction_axes)
+        return count, mean.reshape(keep), m2
+    count = valid.sum(axis=reduction_axes, dtype=np.float64, keepdims=True)
+    total = np.where(valid, x64, 0.0).sum(axis=reduction_axes, keepdims=True)
+    mean = total / np.maximum(count, 1.0)
+    m2 = np.where(valid, np.square(x64 - mean), 0.0).sum(axis=reduction_axes)
+    return count.reshape(m2.shape), mean.reshape(m2.shape), m2
+
+
+def combine_moments(
+    a: tuple[np.ndarray, np.ndarray, np.ndarray],
+    b: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Chan et al.'s parallel combination of two `(count, mean, M2)` partials."""
+    n_a, mean_a, m2_a = a
+    n_b, mean_b, m2_b = b
+    n = n_a + n_b
+    safe = np.where(n > 0, n, 1.0)
+    delta = mean_b - mean_a
+    mean = mean_a + delta * (n_b / safe)
+    m2 = m2_a + m2_b + np.square(delta) * (n_a * n_b / safe)
+    return n, mean, m2
+
+
+def finish_moments(
+    count: np.ndarray, mean: np.ndarray, m2: np.ndarray, masked: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Batch mean and population variance from a partial (float64).
+
+    Unmasked: `mean`, `M2 / count`. Masked, exactly Keras's formula: both
+    divided by `count + 1e-7`, the variance taken around that shrunken mean,
+    so an all-false mask gives mean 0 and variance 0.
+    """
+    if not masked:
+        safe = np.where(count > 0, count, 1.0)
+        return mean, m2 / safe
+    denominator = count + MASK_EPSILON
+    keras_mean = mean * count / denominator
+    # Σ (x - m')² = M2 + n (mean - m')², around Keras's shrunken mean m'.
+    variance = (m2 + count * np.square(mean - keras_mean)) / denominator
+    return keras_mean, variance

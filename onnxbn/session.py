@@ -1,0 +1,236 @@
+"""What every onnxbn session shares: feed checking and moving-statistic state carrying.
+
+An exported training graph has, for each BatchNormalization layer in training
+mode, a state input `<layer>/moving_mean` (also an initializer holding the
+export-time value) and a state output `<layer>/moving_mean/new`. A session feeds
+the current state and keeps the `/new` outputs for the next call. Engines
+(onnxruntime, the NumPy reference interpreter) only implement `_execute`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+STATE_SUFFIX = "/new"
+
+
+class FeedSpec:
+    """Name, NumPy dtype and static shape (None for dynamic dims) of a graph input."""
+
+    def __init__(
+        self, name: str, dtype: np.dtype, shape: tuple[int | None, ...] | None
+    ):
+        self.name = name
+        self.dtype = dtype
+        self.shape = shape
+
+    def __repr__(self) -> str:
+        return f"FeedSpec({self.name!r}, {self.dtype}, {self.shape})"
+
+
+def value_info_spec(value_info: onnx.ValueInfoProto) -> FeedSpec:
+    """Reads name, dtype and (partial) shape of a graph input or output."""
+    tensor_type = value_info.type.tensor_type
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+    shape = None
+    if tensor_type.HasField("shape"):
+        shape = tuple(
+            d.dim_value if d.HasField("dim_value") else None
+            for d in tensor_type.shape.dim
+        )
+    return FeedSpec(value_info.name, dtype, shape)
+
+
+def state_pairs(graph: onnx.GraphProto) -> list[tuple[str, str]]:
+    """`(state input, state output)` pairs of a training export, in graph order."""
+    input_names = {i.name for i in graph.input}
+    initializer_names = {t.name for t in graph.initializer}
+    pairs = []
+    for output in graph.output:
+        if output.name.endswith(STATE_SUFFIX):
+            source = output.name[: -len(STATE_SUFFIX)]
+            if source in input_names and source in initializer_names:
+                pairs.append((source, output.name))
+    return pairs
+
+
+def convert_feed(name: str, value: Any, spec: FeedSpec) -> np.ndarray:
+    """Checks one feed against its declared dtype and shape.
+
+    Python scalars and lists are converted to the declared dtype; a NumPy array
+    must already have it (silently casting would hide a caller's bug).
+
+    Raises:
+        TypeError: wrong dtype, or a value that is not numeric.
+        ValueError: wrong rank or a static dimension that does not match.
+    """
+    if (
+        isinstance(value, np.ndarray)
+        or np.isscalar(value)
+        and isinstance(value, np.generic)
+    ):
+        array = np.asarray(value)
+        if array.dtype != spec.dtype:
+            raise TypeError(
+                f"Feed {name!r} has dtype {array.dtype}, but the model declares "
+                f"{spec.dtype}. Cast it first (e.g. x.astype('{spec.dtype}'))."
+            )
+    elif isinstance(value, (list, tuple, int, float, bool)) and not isinstance(
+        value, str
+    ):
+        try:
+            array = np.asarray(value, dtype=spec.dtype)
+        except (TypeError, ValueError) as error:
+            raise TypeError(
+                f"Feed {name!r} could not be converted to {spec.dtype}: {error}"
+            ) from None
+    else:
+        raise TypeError(
+            f"Feed {name!r} must be a NumPy array, a list or a scalar of dtype "
+            f"{spec.dtype}; received {type(value).__name__}."
+        )
+    if spec.shape is not None:
+        if array.ndim != len(spec.shape):
+            raise ValueError(
+                f"Feed {name!r} has rank {array.ndim} (shape {array.shape}), but the "
+                f"model expects rank {len(spec.shape)} (shape {_show(spec.shape)})."
+            )
+        for got, want in zip(array.shape, spec.shape):
+            if want is not None and got != want:
+                raise ValueError(
+                    f"Feed {name!r} has shape {array.shape}, but the model expects "
+                    f"{_show(spec.shape)}."
+                )
+    return array
+
+
+def _show(shape: Sequence[int | None]) -> str:
+    return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
+
+
+class StatefulSession:
+    """Base of `onnxbn.runtime.Session` and `onnxbn.reference.Session`.
+
+    `run(feeds)` returns the model's outputs only; in a training export it feeds
+    the current moving statistics and keeps the updated ones in `.state`. A
+    lock makes concurrent training calls apply every update exactly once; an
+    export without state runs without the lock.
+
+    Args:
+        model: the loaded `onnx.ModelProto`.
+    """
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        graph = model.graph
+        self._model_proto = model
+        self._pairs = state_pairs(graph)
+        state_inputs = {p[0] for p in self._pairs}
+        state_outputs = {p[1] for p in self._pairs}
+        initializers = {t.name: t for t in graph.initializer}
+        self._input_specs = {
+            vi.name: value_info_spec(vi)
+            for vi in graph.input
+            if vi.name not in state_inputs
+        }
+        # Graph inputs with an initializer are optional feeds (ONNX IR >= 4).
+        self._required = [n for n in self._input_specs if n not in initializers]
+        self._output_names = [
+            o.name for o in graph.output if o.name not in state_outputs
+        ]
+        self._all_output_names = [o.name for o in graph.output]
+        self._state = {
+            name: numpy_helper.to_array(initializers[name]) for name, _ in self._pairs
+        }
+        self._lock = threading.Lock()
+
+    @property
+    def state(self) -> dict[str, np.ndarray]:
+        """Current moving statistics, `{"<layer>/moving_mean": array, ...}` (a copy)."""
+        return {k: v.copy() for k, v in self._state.items()}
+
+    @state.setter
+    def state(self, values: Mapping[str, Any]) -> None:
+        if not isinstance(values, Mapping):
+            raise TypeError(f"state must be a dict, received {type(values).__name__}.")
+        unknown = sorted(set(values) - set(self._state))
+        if unknown:
+            raise ValueError(
+                f"Unknown state names {unknown}; known: {sorted(self._state)}."
+            )
+        new = dict(self._state)
+        for name, value in values.items():
+            current = self._state[name]
+            array = np.asarray(value)
+            if array.shape != current.shape:
+                raise ValueError(
+                    f"State {name!r} must have shape {current.shape}, received {array.shape}."
+                )
+            new[name] = array.astype(current.dtype)
+        with self._lock:
+            self._state = new
+
+    @property
+    def input_names(self) -> list[str]:
+        """The model inputs a caller feeds (state inputs excluded)."""
+        return list(self._input_specs)
+
+    @property
+    def output_names(self) -> list[str]:
+        """The model outputs `run` returns (state outputs excluded)."""
+        return list(self._output_names)
+
+    def check_feeds(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Validates and converts `feeds` (see `convert_feed`)."""
+        if not isinstance(feeds, Mapping):
+            raise TypeError(
+                f"feeds must be a dict of input name -> array, received {type(feeds).__name__}."
+            )
+        for name in feeds:
+            if name in self._state:
+                raise ValueError(
+                    f"Feed {name!r} is moving-statistic state carried by the session; "
+                    "set it with `session.state = {...}` instead of feeding it."
+                )
+            if name not in self._input_specs:
+                raise ValueError(
+                    f"Unknown feed {name!r}; the model's inputs are {self.input_names}."
+                )
+        missing = [n for n in self._required if n not in feeds]
+        if missing:
+            raise ValueError(
+                f"Missing feeds {missing}; the model's inputs are {self.input_names}."
+            )
+        return {n: convert_feed(n, v, self._input_specs[n]) for n, v in feeds.items()}
+
+    def run(self, feeds: Mapping[str, Any]) -> list[np.ndarray]:
+        """Runs the model once.
+
+        Args:
+            feeds: `{input name: array}` for every model input without a default.
+
+        Returns:
+            The model's outputs, in graph order (state outputs are kept in `.state`).
+
+        Raises:
+            TypeError, ValueError: bad feeds (`.state` is left unchanged).
+        """
+        arrays = self.check_feeds(feeds)
+        if not self._pairs:
+            results = self._execute(arrays, self._output_names)
+            return [results[n] for n in self._output_names]
+        with self._lock:
+            results = self._execute({**arrays, **self._state}, self._all_output_names)
+            self._state = {inp: np.asarray(results[out]) for inp, out in self._pairs}
+        return [results[n] for n in self._output_names]
+
+    def _execute(
+        self, feeds: dict[str, np.ndarray], output_names: list[str]
+    ) -> dict[str, Any]:
+        """Runs the graph on complete feeds; returns `{output name: array}`."""
+        raise NotImplementedError

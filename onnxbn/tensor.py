@@ -1,0 +1,142 @@
+"""Symbolic tensors: the shape/dtype placeholders a graph is built from."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from onnxbn.dtypes import standardize_dtype
+
+if TYPE_CHECKING:
+    from onnxbn.operation import Operation
+
+
+def standardize_shape(shape: Any, what: str = "shape") -> tuple[int | None, ...]:
+    """Tuple of non-negative ints / None from a shape-like.
+
+    Raises:
+        TypeError: not a sequence of ints / None.
+        ValueError: a negative dimension.
+    """
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence):
+        raise TypeError(f"{what} must be a tuple of ints or None, received {shape!r}.")
+    dims = []
+    for dim in shape:
+        if dim is None:
+            dims.append(None)
+            continue
+        if isinstance(dim, bool) or not hasattr(dim, "__index__"):
+            raise TypeError(
+                f"{what} must be a tuple of ints or None, received {shape!r}."
+            )
+        dim = int(dim)
+        if dim < 0:
+            raise ValueError(
+                f"{what} dimensions must be >= 0 or None, received {shape!r}."
+            )
+        dims.append(dim)
+    return tuple(dims)
+
+
+class SymbolicTensor:
+    """An immutable placeholder: shape, dtype and where it came from.
+
+    Calling an `Operation` on a `SymbolicTensor` records a `Node` and returns
+    new symbolic tensors; nothing is computed.
+
+    Args:
+        shape: full shape, batch axis included; `None` marks an unknown dim.
+        dtype: dtype name (`"float32"`, `"bool"`, ...).
+        name: tensor name (also its name in exported graphs).
+    """
+
+    __slots__ = ("_shape", "_dtype", "_name", "_history", "_mask")
+
+    def __init__(
+        self,
+        shape: Sequence[int | None],
+        dtype: Any = "float32",
+        name: str | None = None,
+    ):
+        object.__setattr__(self, "_shape", standardize_shape(shape))
+        object.__setattr__(self, "_dtype", standardize_dtype(dtype))
+        object.__setattr__(self, "_name", name)
+        object.__setattr__(self, "_history", None)
+        object.__setattr__(self, "_mask", None)
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise AttributeError(f"SymbolicTensor is immutable; cannot set {key!r}.")
+
+    @property
+    def shape(self) -> tuple[int | None, ...]:
+        return self._shape
+
+    @property
+    def ndim(self) -> int:
+        return len(self._shape)
+
+    @property
+    def dtype(self) -> str:
+        return self._dtype
+
+    @property
+    def name(self) -> str | None:
+        return self._name
+
+    @property
+    def history(self) -> tuple[Operation, int, int] | None:
+        """`(operation, node index, output index)` that produced this tensor."""
+        return self._history
+
+    @property
+    def mask(self) -> SymbolicTensor | None:
+        """The implicit Keras mask carried by this tensor (`_keras_mask`), if any."""
+        return self._mask
+
+    def _record(self, history: tuple[Operation, int, int], name: str) -> None:
+        object.__setattr__(self, "_history", history)
+        object.__setattr__(self, "_name", name)
+
+    def _attach_mask(self, mask: SymbolicTensor | None) -> None:
+        object.__setattr__(self, "_mask", mask)
+
+    def __repr__(self) -> str:
+        return f"<SymbolicTensor name={self._name}, shape={self._shape}, dtype={self._dtype}>"
+
+    def __array__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(
+            f"SymbolicTensor {self._name!r} has no value: it is a placeholder in a graph. "
+            "Build an onnxbn.Model and call it on arrays instead."
+        )
+
+    def __bool__(self) -> bool:
+        raise TypeError(f"SymbolicTensor {self._name!r} has no truth value.")
+
+
+def Input(  # noqa: N802 - Keras's name
+    shape: Sequence[int | None],
+    batch_size: int | None = None,
+    dtype: Any = "float32",
+    name: str | None = None,
+) -> SymbolicTensor:
+    """Creates a model input (Keras's `keras.Input`).
+
+    Args:
+        shape: shape without the batch axis; `None` for unknown dims.
+        batch_size: optional fixed batch size (dynamic when `None`).
+        dtype: input dtype name.
+        name: input name (also the ONNX graph input name).
+
+    Returns:
+        The `SymbolicTensor` output of a new `InputLayer`.
+    """
+    from onnxbn.layers.input_layer import InputLayer
+
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not hasattr(batch_size, "__index__")
+    ):
+        raise TypeError(f"batch_size must be an int or None, received {batch_size!r}.")
+    layer = InputLayer(
+        batch_shape=(batch_size,) + standardize_shape(shape), dtype=dtype, name=name
+    )
+    return layer.output
