@@ -63,6 +63,16 @@ def topological_nodes(inputs: list[SymbolicTensor], outputs: list[SymbolicTensor
             if state.get(id(parent)) is None:
                 stack.append((parent, False))
     reached = {id(n) for n in order}
+    # Keras order: by depth from the inputs (inputs first, in model order), then DFS order.
+    depth: dict[int, int] = {}
+    for node in order:
+        parents = node.parent_nodes
+        depth[id(node)] = 1 + max((depth[id(p)] for p in parents), default=-1)
+    input_rank = {
+        id(t.history[0]._inbound_nodes[t.history[1]]): i for i, t in enumerate(inputs)
+    }
+    position = {id(n): i for i, n in enumerate(order)}
+    order.sort(key=lambda n: (depth[id(n)], input_rank.get(id(n), 0), position[id(n)]))
     for tensor in inputs:
         node = tensor.history[0]._inbound_nodes[tensor.history[1]]
         if id(node) not in reached:
