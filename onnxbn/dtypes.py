@@ -74,9 +74,7 @@ class DTypePolicy:
         if not isinstance(name, str):
             raise TypeError(f"DTypePolicy name must be a string, received {name!r}.")
         if name not in _POLICIES:
-            raise ValueError(
-                f"Unknown dtype policy {name!r}; expected one of {sorted(_POLICIES)}."
-            )
+            raise ValueError(f"Unknown dtype policy {name!r}; expected one of {sorted(_POLICIES)}.")
         self.name = name
         self.compute_dtype, self.variable_dtype = _POLICIES[name]
 

@@ -68,9 +68,7 @@ def topological_nodes(inputs: list[SymbolicTensor], outputs: list[SymbolicTensor
     for node in order:
         parents = node.parent_nodes
         depth[id(node)] = 1 + max((depth[id(p)] for p in parents), default=-1)
-    input_rank = {
-        id(t.history[0]._inbound_nodes[t.history[1]]): i for i, t in enumerate(inputs)
-    }
+    input_rank = {id(t.history[0]._inbound_nodes[t.history[1]]): i for i, t in enumerate(inputs)}
     position = {id(n): i for i, n in enumerate(order)}
     order.sort(key=lambda n: (depth[id(n)], input_rank.get(id(n), 0), position[id(n)]))
     for tensor in inputs:
@@ -153,7 +151,9 @@ class Model(Operation):
     # -- weights --------------------------------------------------------------
     @property
     def trainable(self) -> bool:
-        return all(layer.trainable for layer in self.layers if layer.weights) if self.layers else True
+        return (
+            all(layer.trainable for layer in self.layers if layer.weights) if self.layers else True
+        )
 
     @trainable.setter
     def trainable(self, value: bool) -> None:
@@ -182,7 +182,9 @@ class Model(Operation):
     def set_weights(self, weights: Sequence[Any]) -> None:
         """Sets every weight from a list in Keras order (checked before any assignment)."""
         if not isinstance(weights, (list, tuple)):
-            raise TypeError(f"set_weights expects a list of arrays, received {type(weights).__name__}.")
+            raise TypeError(
+                f"set_weights expects a list of arrays, received {type(weights).__name__}."
+            )
         own = self.weights
         if len(weights) != len(own):
             raise ValueError(
@@ -243,9 +245,7 @@ class Model(Operation):
             )
         if training is not None and not isinstance(training, (bool, np.bool_)):
             raise TypeError(f"training must be a bool or None, received {training!r}.")
-        values: dict[int, Any] = {
-            id(t): v for t, v in zip(self.inputs, self._feed_values(args))
-        }
+        values: dict[int, Any] = {id(t): v for t, v in zip(self.inputs, self._feed_values(args))}
 
         def resolve(x: Any) -> Any:
             return values[id(x)] if isinstance(x, SymbolicTensor) else x

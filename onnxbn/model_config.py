@@ -55,7 +55,10 @@ def model_to_config(model: Model) -> dict:
         entry = serialize(op)
         entry["name"] = op.name
         entry["inbound_nodes"] = [
-            {"args": list(map_structure(arg, node.call_args)), "kwargs": map_structure(arg, node.call_kwargs)}
+            {
+                "args": list(map_structure(arg, node.call_args)),
+                "kwargs": map_structure(arg, node.call_kwargs),
+            }
             for node in model.nodes
             if node.operation is op and not isinstance(op, InputLayer)
         ]
@@ -102,10 +105,14 @@ def model_from_config(config: Any, cls: type) -> Model:
         raise TypeError(f"A model config must be a dict, received {type(config).__name__}.")
     unknown = sorted(str(k) for k in set(config) - _MODEL_KEYS)
     if unknown:
-        raise ValueError(f"Unknown keys {unknown} in a model config; expected {sorted(_MODEL_KEYS)}.")
+        raise ValueError(
+            f"Unknown keys {unknown} in a model config; expected {sorted(_MODEL_KEYS)}."
+        )
     layer_entries = config.get("layers")
     if not isinstance(layer_entries, list) or len(layer_entries) > _MAX_LAYERS:
-        raise TypeError(f"A model config's 'layers' must be a list, received {layer_entries!r:.80}.")
+        raise TypeError(
+            f"A model config's 'layers' must be a list, received {layer_entries!r:.80}."
+        )
 
     ops: dict[str, Any] = {}
     pending: list[tuple[Any, dict]] = []
@@ -122,7 +129,9 @@ def model_from_config(config: Any, cls: type) -> Model:
             raise TypeError(f"inbound_nodes of {name!r} must be a list, received {nodes!r:.80}.")
         for node in nodes:
             if not isinstance(node, dict) or set(node) - {"args", "kwargs"}:
-                raise ValueError(f"Each inbound node of {name!r} must be {{'args', 'kwargs'}}, received {node!r:.80}.")
+                raise ValueError(
+                    f"Each inbound node of {name!r} must be {{'args', 'kwargs'}}, received {node!r:.80}."
+                )
             pending.append((op, node))
 
     created: dict[tuple[str, int, int], SymbolicTensor] = {}
@@ -134,7 +143,11 @@ def model_from_config(config: Any, cls: type) -> Model:
 
     def resolve(value: Any) -> Any:
         if isinstance(value, dict) and value.get("class_name") == "__keras_tensor__":
-            history = value.get("config", {}).get("keras_history") if isinstance(value.get("config"), dict) else None
+            history = (
+                value.get("config", {}).get("keras_history")
+                if isinstance(value.get("config"), dict)
+                else None
+            )
             if not _is_triplet(history):
                 raise ValueError(f"Malformed tensor reference {value!r:.120}.")
             key = tuple(history)
@@ -182,7 +195,9 @@ def model_from_config(config: Any, cls: type) -> Model:
             return created[key]
         if isinstance(value, list) and value and all(_is_triplet(v) for v in value):
             return [endpoints(v, what) for v in value]
-        raise ValueError(f"{what} must be [name, node, index] or a list of them, received {value!r:.80}.")
+        raise ValueError(
+            f"{what} must be [name, node, index] or a list of them, received {value!r:.80}."
+        )
 
     inputs = endpoints(config.get("input_layers"), "input_layers")
     outputs = endpoints(config.get("output_layers"), "output_layers")

@@ -41,9 +41,7 @@ class Node:
         self.index = len(operation._inbound_nodes)
         operation._inbound_nodes.append(self)
         self.input_tensors: list[SymbolicTensor] = [
-            t
-            for t in flatten((self.call_args, self.call_kwargs))
-            if isinstance(t, SymbolicTensor)
+            t for t in flatten((self.call_args, self.call_kwargs)) if isinstance(t, SymbolicTensor)
         ]
         suffix = "" if self.index == 0 else f"_{self.index}"
         for i, tensor in enumerate(self.outputs):

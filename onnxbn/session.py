@@ -23,9 +23,7 @@ STATE_SUFFIX = "/new"
 class FeedSpec:
     """Name, NumPy dtype and static shape (None for dynamic dims) of a graph input."""
 
-    def __init__(
-        self, name: str, dtype: np.dtype, shape: tuple[int | None, ...] | None
-    ):
+    def __init__(self, name: str, dtype: np.dtype, shape: tuple[int | None, ...] | None):
         self.name = name
         self.dtype = dtype
         self.shape = shape
@@ -41,8 +39,7 @@ def value_info_spec(value_info: onnx.ValueInfoProto) -> FeedSpec:
     shape = None
     if tensor_type.HasField("shape"):
         shape = tuple(
-            d.dim_value if d.HasField("dim_value") else None
-            for d in tensor_type.shape.dim
+            d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim
         )
     return FeedSpec(value_info.name, dtype, shape)
 
@@ -70,20 +67,14 @@ def convert_feed(name: str, value: Any, spec: FeedSpec) -> np.ndarray:
         TypeError: wrong dtype, or a value that is not numeric.
         ValueError: wrong rank or a static dimension that does not match.
     """
-    if (
-        isinstance(value, np.ndarray)
-        or np.isscalar(value)
-        and isinstance(value, np.generic)
-    ):
+    if isinstance(value, np.ndarray) or np.isscalar(value) and isinstance(value, np.generic):
         array = np.asarray(value)
         if array.dtype != spec.dtype:
             raise TypeError(
                 f"Feed {name!r} has dtype {array.dtype}, but the model declares "
                 f"{spec.dtype}. Cast it first (e.g. x.astype('{spec.dtype}'))."
             )
-    elif isinstance(value, (list, tuple, int, float, bool)) and not isinstance(
-        value, str
-    ):
+    elif isinstance(value, (list, tuple, int, float, bool)) and not isinstance(value, str):
         try:
             array = np.asarray(value, dtype=spec.dtype)
         except (TypeError, ValueError) as error:
@@ -134,19 +125,13 @@ class StatefulSession:
         state_outputs = {p[1] for p in self._pairs}
         initializers = {t.name: t for t in graph.initializer}
         self._input_specs = {
-            vi.name: value_info_spec(vi)
-            for vi in graph.input
-            if vi.name not in state_inputs
+            vi.name: value_info_spec(vi) for vi in graph.input if vi.name not in state_inputs
         }
         # Graph inputs with an initializer are optional feeds (ONNX IR >= 4).
         self._required = [n for n in self._input_specs if n not in initializers]
-        self._output_names = [
-            o.name for o in graph.output if o.name not in state_outputs
-        ]
+        self._output_names = [o.name for o in graph.output if o.name not in state_outputs]
         self._all_output_names = [o.name for o in graph.output]
-        self._state = {
-            name: numpy_helper.to_array(initializers[name]) for name, _ in self._pairs
-        }
+        self._state = {name: numpy_helper.to_array(initializers[name]) for name, _ in self._pairs}
         self._lock = threading.Lock()
 
     @property
@@ -160,9 +145,7 @@ class StatefulSession:
             raise TypeError(f"state must be a dict, received {type(values).__name__}.")
         unknown = sorted(set(values) - set(self._state))
         if unknown:
-            raise ValueError(
-                f"Unknown state names {unknown}; known: {sorted(self._state)}."
-            )
+            raise ValueError(f"Unknown state names {unknown}; known: {sorted(self._state)}.")
         new = dict(self._state)
         for name, value in values.items():
             current = self._state[name]
@@ -203,9 +186,7 @@ class StatefulSession:
                 )
         missing = [n for n in self._required if n not in feeds]
         if missing:
-            raise ValueError(
-                f"Missing feeds {missing}; the model's inputs are {self.input_names}."
-            )
+            raise ValueError(f"Missing feeds {missing}; the model's inputs are {self.input_names}.")
         return {n: convert_feed(n, v, self._input_specs[n]) for n, v in feeds.items()}
 
     def run(self, feeds: Mapping[str, Any]) -> list[np.ndarray]:
@@ -229,8 +210,6 @@ class StatefulSession:
             self._state = {inp: np.asarray(results[out]) for inp, out in self._pairs}
         return [results[n] for n in self._output_names]
 
-    def _execute(
-        self, feeds: dict[str, np.ndarray], output_names: list[str]
-    ) -> dict[str, Any]:
+    def _execute(self, feeds: dict[str, np.ndarray], output_names: list[str]) -> dict[str, Any]:
         """Runs the graph on complete feeds; returns `{output name: array}`."""
         raise NotImplementedError

@@ -26,14 +26,10 @@ def standardize_shape(shape: Any, what: str = "shape") -> tuple[int | None, ...]
             dims.append(None)
             continue
         if isinstance(dim, bool) or not hasattr(dim, "__index__"):
-            raise TypeError(
-                f"{what} must be a tuple of ints or None, received {shape!r}."
-            )
+            raise TypeError(f"{what} must be a tuple of ints or None, received {shape!r}.")
         dim = int(dim)
         if dim < 0:
-            raise ValueError(
-                f"{what} dimensions must be >= 0 or None, received {shape!r}."
-            )
+            raise ValueError(f"{what} dimensions must be >= 0 or None, received {shape!r}.")
         dims.append(dim)
     return tuple(dims)
 
@@ -136,7 +132,5 @@ def Input(  # noqa: N802 - Keras's name
         isinstance(batch_size, bool) or not hasattr(batch_size, "__index__")
     ):
         raise TypeError(f"batch_size must be an int or None, received {batch_size!r}.")
-    layer = InputLayer(
-        batch_shape=(batch_size,) + standardize_shape(shape), dtype=dtype, name=name
-    )
+    layer = InputLayer(batch_shape=(batch_size,) + standardize_shape(shape), dtype=dtype, name=name)
     return layer.output

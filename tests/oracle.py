@@ -17,8 +17,9 @@ TOLERANCES = {
 }
 
 
-def bn_oracle(x, *, axis, gamma, beta, moving_mean, moving_variance, momentum, epsilon,
-              training, mask=None):
+def bn_oracle(
+    x, *, axis, gamma, beta, moving_mean, moving_variance, momentum, epsilon, training, mask=None
+):
     """Returns (y, new_moving_mean, new_moving_variance) in float64.
 
     Training: gamma * (x - mean(batch)) / sqrt(var(batch) + epsilon) + beta and

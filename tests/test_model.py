@@ -60,7 +60,7 @@ def test_input_output_are_those_of_the_first_call():
     assert y2.history == (bn, 1, 0) and y1.name != y2.name
     unused = layers.BatchNormalization()
     with pytest.raises(ValueError, match="never been called"):
-        unused.output
+        _ = unused.output
 
 
 def test_shared_layer_two_nodes_one_set_of_weights():
@@ -85,8 +85,14 @@ def test_model_eager_matches_oracle_and_propagates_training():
     rng = np.random.default_rng(1)
     x = (rng.normal(size=(3, 4, 4)) * 2 + 1).astype(np.float32)
     mask = rng.random((3, 4)) > 0.3
-    kw = dict(gamma=np.ones(4), beta=np.zeros(4), moving_mean=np.zeros(4),
-              moving_variance=np.ones(4), epsilon=1e-3, training=True)
+    kw = dict(
+        gamma=np.ones(4),
+        beta=np.zeros(4),
+        moving_mean=np.zeros(4),
+        moving_variance=np.ones(4),
+        epsilon=1e-3,
+        training=True,
+    )
     h, _, _ = bn_oracle(x, axis=-1, momentum=0.9, mask=mask, **kw)
     expected, _, _ = bn_oracle(h, axis=1, momentum=0.99, **kw)
     y = model(x, mask, training=True)
@@ -146,7 +152,9 @@ def test_automatic_unique_names():
 def test_model_weights_in_keras_order_and_set_weights():
     model, (_, _, bn1, bn2, _) = two_input_model()
     assert [w.path for w in model.weights] == [
-        f"{b}/{w}" for b in ("bn1", "bn2") for w in ("gamma", "beta", "moving_mean", "moving_variance")
+        f"{b}/{w}"
+        for b in ("bn1", "bn2")
+        for w in ("gamma", "beta", "moving_mean", "moving_variance")
     ]
     values = [np.full(4, i, np.float32) for i in range(8)]
     model.set_weights(values)
@@ -186,12 +194,21 @@ def test_reads_the_real_keras_functional_config():
 @pytest.mark.parametrize(
     "mutate,error,match",
     [
-        (lambda c: c["layers"][2].update(class_name="Evil"), ValueError, "Unknown layer class 'Evil'"),
+        (
+            lambda c: c["layers"][2].update(class_name="Evil"),
+            ValueError,
+            "Unknown layer class 'Evil'",
+        ),
         (lambda c: c["layers"][2].update(module="os"), ValueError, "module 'os'"),
         (lambda c: c.update(extra=1), ValueError, "Unknown keys \\['extra'\\]"),
         (lambda c: c.update(layers="x"), TypeError, "'layers' must be a list"),
-        (lambda c: c["layers"][3]["inbound_nodes"][0]["args"][0]["config"].update(
-            keras_history=["nope", 0, 0]), ValueError, "Cannot rebuild"),
+        (
+            lambda c: c["layers"][3]["inbound_nodes"][0]["args"][0]["config"].update(
+                keras_history=["nope", 0, 0]
+            ),
+            ValueError,
+            "Cannot rebuild",
+        ),
         (lambda c: c.update(output_layers=["zz", 0, 0]), ValueError, "unknown tensor"),
         (lambda c: c["layers"][2]["config"].update(bogus=True), ValueError, "bogus"),
     ],

@@ -220,7 +220,9 @@ class BatchNormalization(Layer):
                 "use renorm=False."
             )
         if renorm_clipping is not None and not isinstance(renorm_clipping, dict):
-            raise TypeError(f"renorm_clipping must be None or a dict, received {renorm_clipping!r}.")
+            raise TypeError(
+                f"renorm_clipping must be None or a dict, received {renorm_clipping!r}."
+            )
         self.renorm_clipping = renorm_clipping
         self.renorm_momentum = _check_real(renorm_momentum, "renorm_momentum")
         self.beta_initializer = initializers.get(beta_initializer)
@@ -247,13 +249,19 @@ class BatchNormalization(Layer):
         shape = (channels,)
         if self.scale:
             self.gamma = self.add_weight(
-                shape, self.gamma_initializer, name="gamma",
-                regularizer=self.gamma_regularizer, constraint=self.gamma_constraint,
+                shape,
+                self.gamma_initializer,
+                name="gamma",
+                regularizer=self.gamma_regularizer,
+                constraint=self.gamma_constraint,
             )
         if self.center:
             self.beta = self.add_weight(
-                shape, self.beta_initializer, name="beta",
-                regularizer=self.beta_regularizer, constraint=self.beta_constraint,
+                shape,
+                self.beta_initializer,
+                name="beta",
+                regularizer=self.beta_regularizer,
+                constraint=self.beta_constraint,
             )
         self.moving_mean = self.add_weight(
             shape, self.moving_mean_initializer, name="moving_mean", trainable=False

@@ -13,9 +13,7 @@ class InputSpec:
         axes: `{axis: size}` (negative axes allowed).
     """
 
-    def __init__(
-        self, ndim: int | None = None, axes: dict[int, int | None] | None = None
-    ):
+    def __init__(self, ndim: int | None = None, axes: dict[int, int | None] | None = None):
         self.ndim = ndim
         self.axes = dict(axes or {})
 

@@ -181,11 +181,7 @@ class Layer(Operation):
     @property
     def losses(self) -> list[float]:
         """Regularization losses of the trainable weights (float64 scalars)."""
-        return [
-            v.regularizer(v.value)
-            for v in self.trainable_weights
-            if v.regularizer is not None
-        ]
+        return [v.regularizer(v.value) for v in self.trainable_weights if v.regularizer is not None]
 
     # -- calling --------------------------------------------------------------
     def build(self, input_shape: tuple[int | None, ...]) -> None:
@@ -195,10 +191,7 @@ class Layer(Operation):
     def _convert_input(self, value: Any) -> np.ndarray:
         array = to_array(value, f"Input of layer {self.name!r}")
         # Keras autocasts floating inputs to the compute dtype; ints stay ints.
-        if (
-            is_float(array.dtype)
-            and standardize_dtype(array.dtype) != self.compute_dtype
-        ):
+        if is_float(array.dtype) and standardize_dtype(array.dtype) != self.compute_dtype:
             array = array.astype(to_numpy_dtype(self.compute_dtype))
         return array
 
@@ -206,9 +199,7 @@ class Layer(Operation):
         owner = f"{type(self).__name__} {self.name!r}"
         symbolic = is_symbolic_call(args, kwargs, owner)
         if not args:
-            raise TypeError(
-                f"{owner} expects its input as the first positional argument."
-            )
+            raise TypeError(f"{owner} expects its input as the first positional argument.")
         first = args[0]
         if symbolic and not isinstance(first, SymbolicTensor):
             raise TypeError(
@@ -255,9 +246,7 @@ class Layer(Operation):
 
         require_dict(config, f"{cls.__name__} config")
         params = inspect.signature(cls.__init__).parameters
-        allowed = [p for p in params if p not in ("self", "kwargs")] + list(
-            BASE_CONFIG_KEYS
-        )
+        allowed = [p for p in params if p not in ("self", "kwargs")] + list(BASE_CONFIG_KEYS)
         check_config_keys(config, allowed, cls.__name__)
         return cls(**config)
 

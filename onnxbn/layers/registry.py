@@ -55,8 +55,16 @@ def serialize(layer: Any) -> dict:
     return envelope
 
 
-_ENVELOPE_KEYS = {"module", "class_name", "config", "registered_name", "build_config",
-                  "compile_config", "name", "inbound_nodes"}
+_ENVELOPE_KEYS = {
+    "module",
+    "class_name",
+    "config",
+    "registered_name",
+    "build_config",
+    "compile_config",
+    "name",
+    "inbound_nodes",
+}
 
 
 def lookup_class(envelope: dict) -> type:
@@ -70,7 +78,9 @@ def lookup_class(envelope: dict) -> type:
         )
     cls, module = LAYERS.lookup(class_name)
     given = envelope.get("module", module)
-    if given not in (module, None) and not (module == "keras.layers" and given.startswith("keras.src.layers")):
+    if given not in (module, None) and not (
+        module == "keras.layers" and given.startswith("keras.src.layers")
+    ):
         raise ValueError(
             f"Layer class {class_name!r} is expected under module {module!r}, "
             f"received module {given!r}."
@@ -95,7 +105,9 @@ def deserialize(config: Any) -> Any:
         raise TypeError(f"A layer config must be a dict, received {type(config).__name__}.")
     unknown = sorted(str(k) for k in set(config) - _ENVELOPE_KEYS)
     if unknown:
-        raise ValueError(f"Unknown keys {unknown} in a layer envelope; expected {sorted(_ENVELOPE_KEYS)}.")
+        raise ValueError(
+            f"Unknown keys {unknown} in a layer envelope; expected {sorted(_ENVELOPE_KEYS)}."
+        )
     cls = lookup_class(config)
     inner = config.get("config", {})
     if not isinstance(inner, dict):
@@ -104,7 +116,9 @@ def deserialize(config: Any) -> Any:
     build_config = config.get("build_config")
     if build_config is not None and hasattr(layer, "build"):
         if not isinstance(build_config, dict) or set(build_config) != {"input_shape"}:
-            raise ValueError(f"build_config must be {{'input_shape': [...]}}, received {build_config!r}.")
+            raise ValueError(
+                f"build_config must be {{'input_shape': [...]}}, received {build_config!r}."
+            )
         from onnxbn.tensor import standardize_shape
 
         shape = standardize_shape(build_config["input_shape"], "build_config input_shape")

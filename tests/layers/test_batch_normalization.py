@@ -38,9 +38,16 @@ def check_against_oracle(layer, x, *, training, mask=None, steps=1, dtype="float
         gamma = None if layer.gamma is None else layer.gamma.numpy()
         beta = None if layer.beta is None else layer.beta.numpy()
         expected, new_mm, new_mv = bn_oracle(
-            x, axis=layer.axis, gamma=gamma, beta=beta,
-            moving_mean=layer.moving_mean.numpy(), moving_variance=layer.moving_variance.numpy(),
-            momentum=layer.momentum, epsilon=layer.epsilon, training=training, mask=mask,
+            x,
+            axis=layer.axis,
+            gamma=gamma,
+            beta=beta,
+            moving_mean=layer.moving_mean.numpy(),
+            moving_variance=layer.moving_variance.numpy(),
+            momentum=layer.momentum,
+            epsilon=layer.epsilon,
+            training=training,
+            mask=mask,
         )
         y = layer(x, training=training, mask=mask)
         assert y.dtype == to_numpy_dtype(layer.compute_dtype)
@@ -48,15 +55,17 @@ def check_against_oracle(layer, x, *, training, mask=None, steps=1, dtype="float
         np.testing.assert_allclose(y.astype(np.float64), expected, rtol=rtol, atol=atol)
         stat_dtype = layer.moving_mean.dtype
         srtol, satol = TOLERANCES[stat_dtype]
-        np.testing.assert_allclose(layer.moving_mean.numpy().astype(np.float64), new_mm, rtol=srtol, atol=satol)
-        np.testing.assert_allclose(layer.moving_variance.numpy().astype(np.float64), new_mv, rtol=srtol, atol=satol)
+        np.testing.assert_allclose(
+            layer.moving_mean.numpy().astype(np.float64), new_mm, rtol=srtol, atol=satol
+        )
+        np.testing.assert_allclose(
+            layer.moving_variance.numpy().astype(np.float64), new_mv, rtol=srtol, atol=satol
+        )
 
 
 # rank x every axis position (positive and negative) x training x mask
 AXIS_CASES = [
-    (ndim, axis)
-    for ndim in range(1, 6)
-    for axis in sorted(set(range(ndim)) | set(range(-ndim, 0)))
+    (ndim, axis) for ndim in range(1, 6) for axis in sorted(set(range(ndim)) | set(range(-ndim, 0)))
 ]
 
 
@@ -77,11 +86,14 @@ def test_every_rank_and_axis(ndim, axis, training, masked):
 def test_center_scale_momentum_epsilon(center, scale, momentum, epsilon):
     rng = np.random.default_rng(7)
     x = rng.normal(size=(6, 3, 5)).astype(np.float32)
-    layer = make_layer(5, axis=-1, ndim=3, center=center, scale=scale,
-                       momentum=momentum, epsilon=epsilon)
+    layer = make_layer(
+        5, axis=-1, ndim=3, center=center, scale=scale, momentum=momentum, epsilon=epsilon
+    )
     names = [w.name for w in layer.weights]
     assert names == (["gamma"] if scale else []) + (["beta"] if center else []) + [
-        "moving_mean", "moving_variance"]
+        "moving_mean",
+        "moving_variance",
+    ]
     check_against_oracle(layer, x, training=True, steps=2)
     check_against_oracle(layer, x, training=False)
 
@@ -112,23 +124,45 @@ def test_dtype_policies(policy, input_dtype, compute, variable, training):
     assert all(w.dtype == variable for w in layer.weights)
     assert y.dtype == to_numpy_dtype(compute)
     # The oracle sees what the layer computes on: the input after autocast.
-    seen = x.astype(to_numpy_dtype(compute)) if x.dtype.kind == "f" or x.dtype == ml_dtypes.bfloat16 else x
-    expected, mm, _ = bn_oracle(seen, axis=-1, gamma=np.ones(4), beta=np.zeros(4),
-                                moving_mean=np.zeros(4), moving_variance=np.ones(4),
-                                momentum=0.5, epsilon=1e-3, training=training)
+    seen = (
+        x.astype(to_numpy_dtype(compute))
+        if x.dtype.kind == "f" or x.dtype == ml_dtypes.bfloat16
+        else x
+    )
+    expected, mm, _ = bn_oracle(
+        seen,
+        axis=-1,
+        gamma=np.ones(4),
+        beta=np.zeros(4),
+        moving_mean=np.zeros(4),
+        moving_variance=np.ones(4),
+        momentum=0.5,
+        epsilon=1e-3,
+        training=training,
+    )
     rtol, atol = TOLERANCES[compute]
     np.testing.assert_allclose(y.astype(np.float64), expected, rtol=rtol, atol=atol)
     rtol, atol = TOLERANCES[variable]
-    np.testing.assert_allclose(layer.moving_mean.numpy().astype(np.float64), mm, rtol=rtol, atol=atol)
+    np.testing.assert_allclose(
+        layer.moving_mean.numpy().astype(np.float64), mm, rtol=rtol, atol=atol
+    )
 
 
 def test_float64_layer_keeps_float64_precision():
     x = np.random.default_rng(0).normal(size=(64, 3)) * 1e-9 + 1.0
     layer = layers.BatchNormalization(dtype="float64")
     y = layer(x, training=True)
-    expected, _, _ = bn_oracle(x, axis=-1, gamma=None, beta=None, moving_mean=np.zeros(3),
-                               moving_variance=np.ones(3), momentum=0.99, epsilon=1e-3,
-                               training=True)
+    expected, _, _ = bn_oracle(
+        x,
+        axis=-1,
+        gamma=None,
+        beta=None,
+        moving_mean=np.zeros(3),
+        moving_variance=np.ones(3),
+        momentum=0.99,
+        epsilon=1e-3,
+        training=True,
+    )
     np.testing.assert_allclose(y, expected, rtol=1e-9, atol=1e-12)
 
 
@@ -143,8 +177,17 @@ def test_stable_variance_on_large_offset(axis):
     true_var = x.astype(np.float64).var(axis=reduce)
     np.testing.assert_allclose(layer.moving_variance.numpy(), true_var, rtol=1e-3)
     assert np.all(np.isfinite(y))
-    expected, _, _ = bn_oracle(x, axis=axis, gamma=None, beta=None, moving_mean=0, moving_variance=0,
-                               momentum=0.0, epsilon=0.0, training=True)
+    expected, _, _ = bn_oracle(
+        x,
+        axis=axis,
+        gamma=None,
+        beta=None,
+        moving_mean=0,
+        moving_variance=0,
+        momentum=0.0,
+        epsilon=0.0,
+        training=True,
+    )
     assert np.max(np.abs(y - expected)) <= 1e-4
 
 
@@ -177,8 +220,9 @@ def test_mask_details():
     x[0, 0, :] = np.nan  # masked-out NaN must not reach the statistics
     x[0, 0, 1] = np.inf
     layer = make_layer(3, axis=-1, ndim=3, momentum=0.5)
-    check_against_oracle(layer, np.where(np.isfinite(x), x, 0).astype(np.float32),
-                         training=True, mask=mask)
+    check_against_oracle(
+        layer, np.where(np.isfinite(x), x, 0).astype(np.float32), training=True, mask=mask
+    )
     layer2 = make_layer(3, axis=-1, ndim=3, momentum=0.5)
     y = layer2(x, training=True, mask=mask)
     assert np.all(np.isfinite(layer2.moving_mean.numpy()))
@@ -270,17 +314,115 @@ def test_property_matches_oracle(data, ndim, training, masked, center, scale, mo
     rng = np.random.default_rng(seed)
     x = (rng.normal(size=shape) * rng.uniform(0.1, 10) + rng.uniform(-5, 5)).astype(np.float32)
     mask = (rng.random(shape[:-1]) > 0.5) if masked else None
-    layer2 = make_layer(shape[axis], axis=axis, ndim=ndim, seed=seed, center=center, scale=scale,
-                        momentum=momentum, epsilon=epsilon)
+    layer2 = make_layer(
+        shape[axis],
+        axis=axis,
+        ndim=ndim,
+        seed=seed,
+        center=center,
+        scale=scale,
+        momentum=momentum,
+        epsilon=epsilon,
+    )
     # Tiny epsilon and near-constant channels amplify float32 rounding of the output.
     gamma = 1.0 if layer2.gamma is None else np.abs(layer2.gamma.numpy()).max()
     expected, mm, mv = bn_oracle(
-        x, axis=axis, gamma=None if layer2.gamma is None else layer2.gamma.numpy(),
+        x,
+        axis=axis,
+        gamma=None if layer2.gamma is None else layer2.gamma.numpy(),
         beta=None if layer2.beta is None else layer2.beta.numpy(),
-        moving_mean=layer2.moving_mean.numpy(), moving_variance=layer2.moving_variance.numpy(),
-        momentum=momentum, epsilon=epsilon, training=training, mask=mask)
+        moving_mean=layer2.moving_mean.numpy(),
+        moving_variance=layer2.moving_variance.numpy(),
+        momentum=momentum,
+        epsilon=epsilon,
+        training=training,
+        mask=mask,
+    )
     y = layer2(x, training=training, mask=mask)
     scale_of_y = 1.0 + gamma * np.max(np.abs(x)) / np.sqrt(epsilon)
     np.testing.assert_allclose(y, expected, rtol=2e-6, atol=2e-7 * scale_of_y)
     np.testing.assert_allclose(layer2.moving_mean.numpy(), mm, rtol=2e-6, atol=1e-6)
     np.testing.assert_allclose(layer2.moving_variance.numpy(), mv, rtol=2e-6, atol=1e-6)
+
+
+def _call(layer_kwargs, x, **call_kwargs):
+    return lambda: layers.BatchNormalization(**layer_kwargs)(x, **call_kwargs)
+
+
+X23 = np.zeros((2, 3), np.float32)
+X234 = np.zeros((2, 3, 4), np.float32)
+
+CALL_ERRORS = [
+    ("axis out of range", _call({"axis": 2}, X23), ValueError, r"Invalid axis 2 .* rank 2"),
+    ("axis too negative", _call({"axis": -4}, X234), ValueError, r"axis must be in \[-3, 3\)"),
+    ("rank 0 input", _call({}, np.float32(1.0)), ValueError, "Invalid axis -1"),
+    (
+        "mask rank too high",
+        _call({}, X234, training=True, mask=np.ones((2, 3, 4))),
+        ValueError,
+        "The mask provided should be one dimension less than the inputs",
+    ),
+    (
+        "mask rank too low in inference",
+        _call({}, X234, mask=np.ones(2)),
+        ValueError,
+        r"mask.shape=\(2,\), inputs.shape=\(2, 3, 4\)",
+    ),
+    (
+        "mask shape does not broadcast",
+        _call({}, X234, training=True, mask=np.ones((2, 4))),
+        ValueError,
+        "does not broadcast",
+    ),
+    (
+        "string mask",
+        _call({}, X23, training=True, mask=np.array(["a", "b"])),
+        TypeError,
+        "Mask of layer",
+    ),
+    ("string input", _call({}, np.array([["a", "b"]])), TypeError, "numeric or bool"),
+    ("object input", _call({}, np.array([None, 1.0], dtype=object)), TypeError, "numeric or bool"),
+    ("complex input", _call({}, np.ones((2, 2), np.complex64)), TypeError, "complex64"),
+    ("training not a bool", _call({}, X23, training="yes"), TypeError, "training must be a bool"),
+    ("no input", lambda: layers.BatchNormalization()(), TypeError, "first positional argument"),
+    (
+        "dynamic channel",
+        lambda: layers.BatchNormalization(axis=0)(__import__("onnxbn").Input((3,))),
+        ValueError,
+        "is not defined",
+    ),
+    (
+        "axis float",
+        lambda: layers.BatchNormalization(axis=1.0),
+        TypeError,
+        "axis must be a single int",
+    ),
+    (
+        "axis tuple",
+        lambda: layers.BatchNormalization(axis=(1, 2)),
+        TypeError,
+        "axis must be a single int",
+    ),
+    (
+        "axis bool",
+        lambda: layers.BatchNormalization(axis=True),
+        TypeError,
+        "axis must be a single int",
+    ),
+    ("nan epsilon", lambda: layers.BatchNormalization(epsilon=float("nan")), ValueError, "epsilon"),
+    ("negative momentum", lambda: layers.BatchNormalization(momentum=-0.1), ValueError, "momentum"),
+    (
+        "renorm",
+        lambda: layers.BatchNormalization(renorm=True),
+        NotImplementedError,
+        "renormalization",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "fn,error,match", [c[1:] for c in CALL_ERRORS], ids=[c[0] for c in CALL_ERRORS]
+)
+def test_call_errors(fn, error, match):
+    with pytest.raises(error, match=match):
+        fn()
