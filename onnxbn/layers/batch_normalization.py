@@ -7,6 +7,7 @@ kernel of the reference interpreter in `onnxbn/reference/kernels/`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from numbers import Real
 from typing import Any
 
@@ -63,6 +64,7 @@ def batch_normalization(
     training: bool,
     mask: np.ndarray | None = None,
     compute_dtype: Any = "float32",
+    reduce_partial: Callable[[tuple], tuple] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The layer's mathematics, with no state: `(y, new_moving_mean, new_moving_variance)`.
 
@@ -81,6 +83,8 @@ def batch_normalization(
         training: batch statistics (True) or moving statistics (False).
         mask: optional mask of rank `x.ndim - 1`; non-zero = valid.
         compute_dtype: dtype of `y` and of the returned statistics.
+        reduce_partial: optional function mapping this batch's per-channel
+            `(count, mean, M2)` to the global one (synchronized layers).
 
     Returns:
         `y` of `x.shape`, and the new moving mean and variance (unchanged in
@@ -96,8 +100,10 @@ def batch_normalization(
         reduction_axes = tuple(a for a in range(ndim) if a != axis)
         valid = None if mask is None else valid_positions(mask, x.shape)
         count, mean, m2 = partial_moments(x, reduction_axes, valid)
+        if reduce_partial is not None:
+            count, mean, m2 = reduce_partial((count, mean, m2))
         batch_mean, batch_var = finish_moments(count, mean, m2, masked=valid is not None)
-        if valid is not None or x.size > 0:
+        if valid is not None or np.all(count > 0):
             new_mean = mean64 * momentum + batch_mean * (1.0 - momentum)
             new_var = var64 * momentum + batch_var * (1.0 - momentum)
         mean64, var64 = batch_mean, batch_var
@@ -317,11 +323,25 @@ class BatchNormalization(Layer):
             training=training,
             mask=mask if training else None,
             compute_dtype=compute,
+            reduce_partial=self._reduce_partial(compute) if training else None,
         )
         if training:
             self.moving_mean.assign(new_mean)
             self.moving_variance.assign(new_var)
         return y.astype(to_numpy_dtype(self.compute_dtype))
+
+    def _reduce_partial(self, compute_dtype: str) -> Callable[[tuple], tuple] | None:
+        """The cross-process reduction of a synchronized layer, or None (local statistics)."""
+        if not self.synchronized:
+            return None
+        from onnxbn import distributed
+
+        comm = distributed.active_communicator()
+        if comm is None or comm.Get_size() == 1:
+            return None
+        what = f"BatchNormalization {self.name!r}"
+        distributed.check_same_dtype(comm, compute_dtype, what)
+        return lambda partial: distributed.allreduce_moments(comm, partial, what=what)
 
     def get_config(self) -> dict:
         from onnxbn import constraints, initializers, regularizers

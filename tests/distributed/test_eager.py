@@ -1,0 +1,124 @@
+"""synchronized=True across real processes (mpiexec -n 2 and -n 4) versus one process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from onnxbn import layers
+
+pytest.importorskip(
+    "mpi4py", reason='needs the distributed extra: pip install "onnxbn[distributed]"'
+)
+MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
+WORKER = Path(__file__).with_name("worker.py")
+ROOT = Path(__file__).parents[2]
+
+
+def launch(processes: int, scenario: str, out: Path) -> list[dict]:
+    if MPIEXEC is None:
+        pytest.fail("mpi4py is installed but no mpiexec was found next to the interpreter")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run(
+        [MPIEXEC, "-n", str(processes), sys.executable, str(WORKER), str(out), scenario],
+        check=True,
+        timeout=120,
+        env=env,
+        capture_output=True,
+    )
+    return [dict(np.load(out / f"rank{r}.npz")) for r in range(processes)]
+
+
+def single_process(scenario: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The same steps, one process, the concatenated batch."""
+    rng = np.random.default_rng(123)
+    steps, total, channels = 3, 11, 4
+    data = (rng.normal(size=(steps, total, 5, channels)) * 3 + 7).astype(np.float32)
+    masks = rng.random((steps, total, 5)) > 0.4
+    layer = layers.BatchNormalization(momentum=0.7)
+    layer.build((None, 5, channels))
+    layer.set_weights(
+        [
+            np.linspace(0.5, 2, channels),
+            np.linspace(-1, 1, channels),
+            np.zeros(channels),
+            np.ones(channels),
+        ]
+    )
+    ys = [
+        layer(data[s], training=True, mask=masks[s] if "masked" in scenario else None)
+        for s in range(steps)
+    ]
+    return np.stack(ys), layer.moving_mean.numpy(), layer.moving_variance.numpy()
+
+
+@pytest.mark.parametrize("processes", [2, 4])
+@pytest.mark.parametrize("scenario", ["even", "uneven", "masked", "masked-uneven"])
+def test_matches_single_process_on_concatenated_batch(processes, scenario, tmp_path):
+    results = launch(processes, scenario, tmp_path)
+    y, mm, mv = single_process(scenario)
+    for r, res in enumerate(results):
+        assert "error" not in res, res.get("error")
+        # every replica ends with identical moving statistics
+        np.testing.assert_array_equal(res["moving_mean"], results[0]["moving_mean"])
+        np.testing.assert_array_equal(res["moving_variance"], results[0]["moving_variance"])
+        start, stop = int(res["start"]), int(res["stop"])
+        if stop > start:
+            mine = res["y"].reshape(3, stop - start, 5, 4)
+            np.testing.assert_allclose(mine, y[:, start:stop], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(results[0]["moving_mean"], mm, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(results[0]["moving_variance"], mv, rtol=1e-6, atol=1e-6)
+
+
+def test_mismatched_channels_make_every_replica_raise(tmp_path):
+    results = launch(2, "mismatch", tmp_path)
+    for res in results:
+        assert "different channel counts" in str(res["error"])
+
+
+def test_missing_mpi4py_under_a_launcher_says_what_to_install():
+    code = (
+        "import sys; sys.modules['mpi4py'] = None\n"
+        "import numpy as np\n"
+        "from onnxbn import layers\n"
+        "try:\n"
+        "    layers.BatchNormalization(synchronized=True)(np.ones((2, 3)), training=True)\n"
+        "except ImportError as e:\n"
+        "    print('ERR', e)\n"
+    )
+    env = {**os.environ, "PMI_SIZE": "2", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert "ERR" in out and 'pip install "onnxbn[distributed]"' in out
+
+
+def test_single_process_never_needs_mpi():
+    code = (
+        "import sys; sys.modules['mpi4py'] = None\n"
+        "import numpy as np\n"
+        "from onnxbn import layers\n"
+        "print(layers.BatchNormalization(synchronized=True)(np.ones((2, 3)), training=True).shape)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if "PMI" not in k and "MPI" not in k}
+    env["PYTHONPATH"] = str(ROOT)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert "(2, 3)" in out
