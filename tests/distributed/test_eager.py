@@ -63,7 +63,7 @@ def single_process(scenario: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def test_matches_single_process_on_concatenated_batch(processes, scenario, tmp_path):
     results = launch(processes, scenario, tmp_path)
     y, mm, mv = single_process(scenario)
-    for r, res in enumerate(results):
+    for res in results:
         assert "error" not in res, res.get("error")
         # every replica ends with identical moving statistics
         np.testing.assert_array_equal(res["moving_mean"], results[0]["moving_mean"])
