@@ -1,0 +1,158 @@
+"""BatchNormalization at since-versions 9, 14 and 15.
+
+Channel axis 1 (X is N x C x D1 ... Dn). Inference normalizes with the given
+`input_mean` / `input_var`; training uses the batch statistics (mean and
+biased variance over every axis but 1) and returns the running statistics
+
+    running_mean = input_mean * momentum + current_mean * (1 - momentum)
+    running_var = input_var * momentum + current_var * (1 - momentum)
+
+- opset 9-13: the node's output count selects the form: one output is
+  inference; five outputs (Y, running mean, running var, saved mean, saved
+  var) is training. Saved mean/var are the batch mean and biased variance.
+  (`onnx.reference` uses batch statistics for both forms, onnx issue 5799.)
+- opset 14+: the `training_mode` attribute selects the form; training returns
+  Y, running mean and running var.
+- opset 15 only widens the types: scale/B and mean/var may differ from X's.
+
+Statistics and normalization of float16/bfloat16 are computed in float32;
+Y is cast to X's type, running statistics to the type of `input_mean`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnxbn.reference.kernels.precision import as_array, compute_dtype
+from onnxbn.reference.kernels.table import kernel
+
+
+def _check(x: np.ndarray, **params: np.ndarray) -> int:
+    if x.ndim < 2:
+        raise ValueError(
+            f"BatchNormalization takes X of rank >= 2 (N, C, ...), received {x.shape}."
+        )
+    channels = x.shape[1]
+    for name, value in params.items():
+        if value.shape != (channels,):
+            raise ValueError(
+                f"BatchNormalization {name} must have shape ({channels},) for X of shape "
+                f"{x.shape}, received {value.shape}."
+            )
+    return channels
+
+
+def _work_dtype(x: np.ndarray) -> np.dtype:
+    return compute_dtype(x.dtype) if x.dtype.kind == "f" else np.dtype(np.float32)
+
+
+def _normalize(
+    x: np.ndarray,
+    scale: np.ndarray,
+    bias: np.ndarray,
+    mean: np.ndarray,
+    var: np.ndarray,
+    epsilon: float,
+) -> np.ndarray:
+    """(x - mean) / sqrt(var + epsilon) * scale + bias, per channel, in x's working dtype."""
+    work = x.dtype
+    shape = (-1,) + (1,) * (x.ndim - 2)
+    factor = scale.astype(work) / np.sqrt(var.astype(work) + work.type(epsilon))
+    y = x - mean.astype(work).reshape(shape)
+    y *= factor.reshape(shape)
+    y += bias.astype(work).reshape(shape)
+    return y
+
+
+def _batch_statistics(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    axes = (0, *range(2, x.ndim))
+    mean = np.mean(x, axis=axes)
+    # Two passes (mean, then mean of squared deviations): no cancellation.
+    deviation = x - mean.reshape((-1,) + (1,) * (x.ndim - 2))
+    var = np.mean(np.square(deviation), axis=axes)
+    return mean, var
+
+
+def _inference(X, scale, B, input_mean, input_var, epsilon) -> np.ndarray:
+    _check(X, scale=scale, B=B, input_mean=input_mean, input_var=input_var)
+    x = X.astype(_work_dtype(X), copy=False)
+    return as_array(_normalize(x, scale, B, input_mean, input_var, epsilon), X.dtype)
+
+
+def _training(X, scale, B, input_mean, input_var, epsilon, momentum) -> tuple:
+    _check(X, scale=scale, B=B, input_mean=input_mean, input_var=input_var)
+    x = X.astype(_work_dtype(X), copy=False)
+    batch_mean, batch_var = _batch_statistics(x)
+    y = as_array(_normalize(x, scale, B, batch_mean, batch_var, epsilon), X.dtype)
+    stats = compute_dtype(input_mean.dtype) if input_mean.dtype.kind == "f" else x.dtype
+    m = stats.type(momentum)
+    running_mean = input_mean.astype(stats) * m + batch_mean.astype(stats) * (1 - m)
+    running_var = input_var.astype(stats) * m + batch_var.astype(stats) * (1 - m)
+    return (
+        y,
+        running_mean.astype(input_mean.dtype),
+        running_var.astype(input_var.dtype),
+        batch_mean,
+        batch_var,
+    )
+
+
+@kernel("BatchNormalization", 9, wants_output_count=True)
+def batch_normalization_9(
+    X: np.ndarray,
+    scale: np.ndarray,
+    B: np.ndarray,
+    mean: np.ndarray,
+    var: np.ndarray,
+    *,
+    epsilon: float = 1e-5,
+    momentum: float = 0.9,
+    _num_node_outputs: int,
+) -> tuple[np.ndarray, ...]:
+    if _num_node_outputs == 1:
+        return (_inference(X, scale, B, mean, var, epsilon),)
+    y, running_mean, running_var, saved_mean, saved_var = _training(
+        X, scale, B, mean, var, epsilon, momentum
+    )
+    return y, running_mean, running_var, saved_mean.astype(X.dtype), saved_var.astype(X.dtype)
+
+
+@kernel("BatchNormalization", 14)
+def batch_normalization_14(
+    X: np.ndarray,
+    scale: np.ndarray,
+    B: np.ndarray,
+    input_mean: np.ndarray,
+    input_var: np.ndarray,
+    *,
+    epsilon: float = 1e-5,
+    momentum: float = 0.9,
+    training_mode: int = 0,
+) -> tuple[np.ndarray, ...]:
+    if not training_mode:
+        return (_inference(X, scale, B, input_mean, input_var, epsilon),)
+    return _training(X, scale, B, input_mean, input_var, epsilon, momentum)[:3]
+
+
+@kernel("BatchNormalization", 15)
+def batch_normalization_15(
+    X: np.ndarray,
+    scale: np.ndarray,
+    B: np.ndarray,
+    input_mean: np.ndarray,
+    input_var: np.ndarray,
+    *,
+    epsilon: float = 1e-5,
+    momentum: float = 0.9,
+    training_mode: int = 0,
+) -> tuple[np.ndarray, ...]:
+    return batch_normalization_14(
+        X,
+        scale,
+        B,
+        input_mean,
+        input_var,
+        epsilon=epsilon,
+        momentum=momentum,
+        training_mode=training_mode,
+    )

@@ -1,0 +1,125 @@
+"""Reductions: ReduceMean, ReduceSum, ReduceSumSquare, ReduceProd, ReduceMax, ReduceMin, ReduceL2.
+
+`axes` is an attribute before the op's move to an input (opset 13 for
+ReduceSum, 18 for the others). No axes reduces every axis, unless
+`noop_with_empty_axes=1`, which returns the input unchanged. float16 and
+bfloat16 accumulate in float32, integers sum in (at least) their own width and
+average in float64; the result is cast back to the input's type.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+from onnxbn.reference.kernels.precision import (
+    LOW_PRECISION,
+    as_array,
+    float_compute_dtype,
+    int_list,
+    normalize_axes,
+)
+from onnxbn.reference.kernels.table import kernel
+
+
+def _resolve_axes(data: np.ndarray, axes: list[int] | None, noop: int, op: str) -> tuple | None:
+    """Normalized axes, or `None` for the no-op case."""
+    if not axes:
+        return None if noop else tuple(range(data.ndim))
+    return normalize_axes(axes, data.ndim, f"{op} axis")
+
+
+def _sum_dtype(dtype: np.dtype) -> np.dtype | None:
+    return np.dtype(np.float32) if dtype in LOW_PRECISION else None
+
+
+def _sum(data: np.ndarray, axes: tuple, keepdims: bool) -> np.ndarray:
+    return np.add.reduce(data, axis=axes, dtype=_sum_dtype(data.dtype), keepdims=keepdims)
+
+
+def _mean(data: np.ndarray, axes: tuple, keepdims: bool) -> np.ndarray:
+    dtype = float_compute_dtype(data.dtype)
+    total = np.add.reduce(data, axis=axes, dtype=dtype, keepdims=keepdims)
+    count = math.prod(data.shape[a] for a in axes)
+    # 0 / 0 is NaN: the mean of an empty set, as the spec's sum / count gives.
+    return np.true_divide(total, dtype.type(count))
+
+
+def _sum_square(data: np.ndarray, axes: tuple, keepdims: bool) -> np.ndarray:
+    x = data.astype(np.float32) if data.dtype in LOW_PRECISION else data
+    return np.add.reduce(x * x, axis=axes, keepdims=keepdims)
+
+
+def _l2(data: np.ndarray, axes: tuple, keepdims: bool) -> np.ndarray:
+    x = data.astype(float_compute_dtype(data.dtype))
+    return np.sqrt(np.add.reduce(x * x, axis=axes, keepdims=keepdims))
+
+
+def _prod(data: np.ndarray, axes: tuple, keepdims: bool) -> np.ndarray:
+    return np.multiply.reduce(data, axis=axes, dtype=_sum_dtype(data.dtype), keepdims=keepdims)
+
+
+def _extreme(ufunc: np.ufunc, sign: int) -> Callable[[np.ndarray, tuple, bool], np.ndarray]:
+    def fn(data: np.ndarray, axes: tuple, keepdims: bool) -> np.ndarray:
+        if data.size and all(data.shape[a] for a in axes):
+            return ufunc.reduce(data, axis=axes, keepdims=keepdims)
+        # An empty reduction yields the identity: -inf for max, +inf for min (ReduceMax-18).
+        if data.dtype == np.bool_:
+            initial = sign < 0
+        elif data.dtype.kind in "iu":
+            info = np.iinfo(data.dtype)
+            initial = info.min if sign > 0 else info.max
+        else:
+            initial = -np.inf if sign > 0 else np.inf
+        return ufunc.reduce(data, axis=axes, keepdims=keepdims, initial=initial)
+
+    return fn
+
+
+_HOW = {
+    "ReduceMean": _mean,
+    "ReduceSum": _sum,
+    "ReduceSumSquare": _sum_square,
+    "ReduceL2": _l2,
+    "ReduceProd": _prod,
+    "ReduceMax": _extreme(np.maximum, 1),
+    "ReduceMin": _extreme(np.minimum, -1),
+}
+
+
+def _reduce(op: str, data: np.ndarray, axes: list[int] | None, keepdims: int, noop: int) -> tuple:
+    resolved = _resolve_axes(data, axes, noop, op)
+    if resolved is None:
+        return (data,)
+    return (as_array(_HOW[op](data, resolved, bool(keepdims)), data.dtype),)
+
+
+def _with_attribute_axes(op: str) -> Callable[..., tuple[np.ndarray]]:
+    def fn(data: np.ndarray, *, axes: list[int] | None = None, keepdims: int = 1) -> tuple:
+        return _reduce(op, data, axes, keepdims, 0)
+
+    fn.__name__ = f"{op}_attribute_axes"
+    return fn
+
+
+def _with_input_axes(op: str) -> Callable[..., tuple[np.ndarray]]:
+    def fn(
+        data: np.ndarray,
+        axes: np.ndarray | None = None,
+        *,
+        keepdims: int = 1,
+        noop_with_empty_axes: int = 0,
+    ) -> tuple[np.ndarray]:
+        listed = None if axes is None else int_list(axes, f"{op} axes")
+        return _reduce(op, data, listed, keepdims, noop_with_empty_axes)
+
+    fn.__name__ = f"{op}_input_axes"
+    return fn
+
+
+for _op in _HOW:
+    _moved = 13 if _op == "ReduceSum" else 18
+    kernel(_op, 1)(_with_attribute_axes(_op))
+    kernel(_op, _moved)(_with_input_axes(_op))
