@@ -1,0 +1,232 @@
+"""Keras 3 constraints: projections against float64 formulas, configs, errors."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from onnxbn import constraints
+from onnxbn.constraints import MaxNorm, MinMaxNorm, NonNeg, UnitNorm
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "keras"
+EPS = 1e-7  # keras.config.epsilon()
+
+
+def keras_envelopes(module: str) -> list[dict]:
+    """Every envelope of `module` in the real Keras fixtures."""
+    assert FIXTURES.is_dir(), f"missing Keras fixtures at {FIXTURES}"
+    found = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            if node.get("module") == module and "class_name" in node:
+                found.append(node)
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    for path in sorted(FIXTURES.glob("*.json")):
+        walk(json.loads(path.read_text()))
+    return found
+
+
+def test_keras_fixtures_round_trip():
+    envelopes = keras_envelopes("keras.constraints")
+    assert {e["class_name"] for e in envelopes} >= {"NonNeg", "MaxNorm"}
+    for envelope in envelopes:
+        assert constraints.serialize(constraints.deserialize(envelope)) == envelope
+
+
+def _norms(w, axis):
+    axes = tuple(axis) if isinstance(axis, list) else (axis,)
+    w = np.asarray(w, dtype=np.float64)
+    return np.sqrt((w * w).sum(axis=axes, keepdims=True))
+
+
+def _max_norm(w, max_value, axis):
+    n = _norms(w, axis)
+    return w * (np.minimum(n, max_value) / (EPS + n))
+
+
+def _unit_norm(w, axis):
+    return w / (EPS + _norms(w, axis))
+
+
+def _min_max_norm(w, lo, hi, rate, axis):
+    n = _norms(w, axis)
+    desired = rate * np.minimum(np.maximum(n, lo), hi) + (1 - rate) * n
+    return w * desired / (EPS + n)
+
+
+W = np.random.default_rng(7).standard_normal((4, 3, 5)) * 2.0
+CASES = [
+    (NonNeg(), lambda w: np.where(w > 0, w, 0.0)),
+    (MaxNorm(), lambda w: _max_norm(w, 2.0, 0)),
+    (MaxNorm(1.5, axis=-1), lambda w: _max_norm(w, 1.5, -1)),
+    (MaxNorm(0.5, axis=[0, 1]), lambda w: _max_norm(w, 0.5, [0, 1])),
+    (MaxNorm(100.0), lambda w: _max_norm(w, 100.0, 0)),
+    (UnitNorm(), lambda w: _unit_norm(w, 0)),
+    (UnitNorm(axis=(1, 2)), lambda w: _unit_norm(w, [1, 2])),
+    (MinMaxNorm(), lambda w: _min_max_norm(w, 0.0, 1.0, 1.0, 0)),
+    (MinMaxNorm(2.0, 3.0, 0.5, 1), lambda w: _min_max_norm(w, 2.0, 3.0, 0.5, 1)),
+    (MinMaxNorm(0.1, 0.2, 0.0, -1), lambda w: _min_max_norm(w, 0.1, 0.2, 0.0, -1)),
+]
+
+
+@pytest.mark.parametrize(("constraint", "formula"), CASES, ids=repr)
+def test_projection_matches_float64_formula(constraint, formula):
+    result = constraint(W)
+    assert result.dtype == np.float64
+    np.testing.assert_allclose(result, formula(W), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "rtol"),
+    [("float16", 1e-3), ("bfloat16", 1e-2), ("float32", 1e-6)],
+)
+@pytest.mark.parametrize(("constraint", "formula"), CASES, ids=repr)
+def test_projection_keeps_float_dtype(constraint, formula, dtype, rtol):
+    np_dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
+    w = W.astype(np_dtype)
+    result = constraint(w)
+    assert result.dtype == np_dtype
+    expected = formula(w.astype(np.float64))
+    np.testing.assert_allclose(result.astype(np.float64), expected, rtol=rtol, atol=rtol)
+
+
+def test_projection_results():
+    # Norms after projection, checked directly.
+    assert np.all(_norms(MaxNorm(1.5, axis=-1)(W), -1) <= 1.5 + 1e-9)
+    np.testing.assert_allclose(_norms(UnitNorm()(W), 0), 1.0, rtol=1e-6)
+    norms = _norms(MinMaxNorm(2.0, 3.0, 1.0, 1)(W), 1)
+    assert np.all((norms >= 2.0 - 1e-6) & (norms <= 3.0 + 1e-6))
+    assert np.all(NonNeg()(W) >= 0)
+
+
+def test_integer_and_list_weights():
+    assert NonNeg()(np.array([-2, 3], dtype=np.int32)).dtype == np.int32
+    np.testing.assert_array_equal(NonNeg()([-1.0, 2.0]), [0.0, 2.0])
+    result = UnitNorm()(np.array([[3, 0], [4, 0]], dtype=np.int64))
+    assert result.dtype == np.float32  # as Keras's ops.sqrt of an int tensor
+    np.testing.assert_allclose(result, [[0.6, 0.0], [0.8, 0.0]], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("obj", "config"),
+    [
+        (NonNeg(), {}),
+        (MaxNorm(), {"max_value": 2, "axis": 0}),
+        (MaxNorm(2.0, 0), {"max_value": 2.0, "axis": 0}),
+        (MaxNorm(3, axis=(0, 1)), {"max_value": 3, "axis": [0, 1]}),
+        (UnitNorm(), {"axis": 0}),
+        (UnitNorm(-1), {"axis": -1}),
+        (
+            MinMaxNorm(),
+            {"min_value": 0.0, "max_value": 1.0, "rate": 1.0, "axis": 0},
+        ),
+    ],
+)
+def test_configs_match_keras(obj, config):
+    assert obj.get_config() == config
+    envelope = constraints.serialize(obj)
+    assert envelope == {
+        "module": "keras.constraints",
+        "class_name": type(obj).__name__,
+        "config": config,
+        "registered_name": None,
+    }
+    assert json.loads(json.dumps(envelope)) == envelope
+    assert constraints.deserialize(envelope).get_config() == config
+    returned = obj.get_config()
+    if isinstance(returned.get("axis"), list):
+        returned["axis"].append(9)
+    assert obj.get_config() == config  # a config never aliases the object's lists
+
+
+@pytest.mark.parametrize(
+    ("identifier", "cls"),
+    [
+        ("non_neg", NonNeg),
+        ("NonNeg", NonNeg),
+        ("max_norm", MaxNorm),
+        ("MaxNorm", MaxNorm),
+        ("unit_norm", UnitNorm),
+        ("UnitNorm", UnitNorm),
+        ("min_max_norm", MinMaxNorm),
+        ("MinMaxNorm", MinMaxNorm),
+        ({"class_name": "MaxNorm", "config": {"max_value": 3}}, MaxNorm),
+    ],
+)
+def test_get(identifier, cls):
+    assert type(constraints.get(identifier)) is cls
+
+
+def test_get_passes_instances_and_callables_through():
+    c = MaxNorm(3.0)
+    assert constraints.get(c) is c
+    assert constraints.get(None) is None
+    assert type(constraints.get(UnitNorm)) is UnitNorm
+
+    def custom(w):
+        return w
+
+    assert constraints.get(custom) is custom
+    with pytest.raises(TypeError, match="5 of type int"):
+        constraints.get(5)
+    with pytest.raises(ValueError, match="'nonneg'"):
+        constraints.get("nonneg")
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "fragment"),
+    [
+        (lambda: MaxNorm(-1.0), ValueError, "max_value=-1.0"),
+        (lambda: MaxNorm(float("nan")), ValueError, "max_value=nan"),
+        (lambda: MaxNorm("2"), TypeError, "max_value='2'"),
+        (lambda: MaxNorm(axis=1.0), TypeError, "axis=1.0"),
+        (lambda: MaxNorm(axis=True), TypeError, "axis=True"),
+        (lambda: MaxNorm(axis=None), TypeError, "axis=None"),
+        (lambda: UnitNorm(axis=[0, "1"]), TypeError, "axis='1'"),
+        (lambda: UnitNorm(axis=[0, 0]), ValueError, "axis=[0, 0]"),
+        (lambda: MinMaxNorm(2.0, 1.0), ValueError, "min_value=2.0, max_value=1.0"),
+        (lambda: MinMaxNorm(rate=1.5), ValueError, "rate=1.5"),
+        (lambda: MinMaxNorm(rate=-0.1), ValueError, "rate=-0.1"),
+        (lambda: MinMaxNorm(min_value=-1.0), ValueError, "min_value=-1.0"),
+    ],
+)
+def test_constructor_errors(make, error, fragment):
+    with pytest.raises(error, match=re.escape(fragment)):
+        make()
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "fragment"),
+    [
+        (lambda: MaxNorm(axis=3)(W), ValueError, "axis 3"),
+        (lambda: UnitNorm(axis=[0, -4])(W), ValueError, "[0, -4]"),
+        (lambda: MaxNorm()(np.float32(2.0)), ValueError, "rank 0"),
+        (lambda: NonNeg()("abc"), TypeError, "'abc'"),
+        (lambda: MaxNorm()([[1.0], [1.0, 2.0]]), TypeError, "numeric"),
+    ],
+)
+def test_call_errors(call, error, fragment):
+    with pytest.raises(error, match=re.escape(fragment)):
+        call()
+
+
+def test_deserialize_errors():
+    with pytest.raises(ValueError, match=r"'maxvalue'.*\['axis', 'max_value'\]"):
+        constraints.deserialize({"class_name": "MaxNorm", "config": {"maxvalue": 1}})
+    with pytest.raises(ValueError, match="'keras.regularizers'"):
+        constraints.deserialize(
+            {"module": "keras.regularizers", "class_name": "NonNeg", "config": {}}
+        )
+    with pytest.raises(TypeError, match="of type tuple"):
+        constraints.deserialize(("NonNeg",))
