@@ -34,6 +34,7 @@ from onnxbn.reference.loading import (
     load_model,
     numpy_dtype,
 )
+from onnxbn.reference.reuse import donating, plan_donations
 from onnxbn.session import FeedSpec, convert_feed
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -46,6 +47,7 @@ class Step(NamedTuple):
     outputs: tuple[str, ...]
     drop: tuple[str, ...]
     node: str
+    op_type: str
 
 
 def _node_label(node: onnx.NodeProto, index: int) -> str:
@@ -134,7 +136,9 @@ class Interpreter:
                     f"Graph output {name!r} is not produced by any node, input or initializer."
                 )
         self._constants = constants
-        self._steps = self._with_drops(steps)
+        # run_all keeps every value, so it runs the plan without drops or reuse.
+        self._all_steps = steps
+        self._steps = self._optimized(steps)
 
     @staticmethod
     def _claim(names: Mapping[str, Any] | set[str], name: str, what: str) -> None:
@@ -206,7 +210,7 @@ class Interpreter:
                 available.add(name)
         if kernel.wants_output_count:
             kwargs[OUTPUT_COUNT_KEYWORD] = len(outputs)
-        return Step(kernel.fn, tuple(inputs), kwargs, tuple(outputs), (), label)
+        return Step(kernel.fn, tuple(inputs), kwargs, tuple(outputs), (), label, node.op_type)
 
     def _attributes(
         self, node: onnx.NodeProto, kernel: kernels.Kernel, label: str
@@ -240,8 +244,9 @@ class Interpreter:
         value.flags.writeable = False
         return value
 
-    def _with_drops(self, steps: list[Step]) -> list[Step]:
-        """Adds to each step the names whose last reader it is, to free memory early."""
+    def _optimized(self, steps: list[Step]) -> list[Step]:
+        """Frees each value after its last reader and lets element-wise steps
+        write into a dying input (see `onnxbn.reference.reuse`)."""
         keep = set(self.output_names)
         last: dict[str, int] = {}
         for i, step in enumerate(steps):
@@ -252,7 +257,15 @@ class Interpreter:
         for name, i in last.items():
             if name not in keep:
                 drops[i].append(name)
-        return [step._replace(drop=tuple(d)) for step, d in zip(steps, drops)]
+        donations = plan_donations(steps, keep)
+        result = []
+        for i, (step, drop) in enumerate(zip(steps, drops)):
+            step = step._replace(drop=tuple(drop))
+            if i in donations:
+                ufunc, positions = donations[i]
+                step = step._replace(fn=donating(ufunc, step.fn, positions))
+            result.append(step)
+        return result
 
     def constant(self, name: str) -> np.ndarray:
         """The (read-only) value of an initializer or folded Constant.
@@ -338,7 +351,7 @@ class Interpreter:
         step = None
         try:
             with np.errstate(all="ignore"):
-                for step in self._steps:
+                for step in self._all_steps if keep_all else self._steps:
                     results = step.fn(*[env[n] for n in step.inputs], **step.kwargs)
                     if len(results) < len(step.outputs):
                         raise ValueError(
@@ -347,9 +360,8 @@ class Interpreter:
                         )
                     for name, value in zip(step.outputs, results):
                         env[name] = value
-                    if not keep_all:
-                        for name in step.drop:
-                            del env[name]
+                    for name in step.drop:
+                        del env[name]
         except NotImplementedError as error:
             raise NotImplementedError(f"{step.node}: {error}") from error
         except TypeError as error:

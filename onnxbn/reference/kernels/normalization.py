@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from onnxbn.reference.kernels.precision import as_array, compute_dtype
+from onnxbn.reference.kernels.reduction import sum_of_squares
 from onnxbn.reference.kernels.table import kernel
 
 
@@ -46,44 +47,41 @@ def _work_dtype(x: np.ndarray) -> np.dtype:
     return compute_dtype(x.dtype) if x.dtype.kind == "f" else np.dtype(np.float32)
 
 
-def _normalize(
-    x: np.ndarray,
-    scale: np.ndarray,
-    bias: np.ndarray,
-    mean: np.ndarray,
-    var: np.ndarray,
-    epsilon: float,
+def _channel_shape(x: np.ndarray) -> tuple[int, ...]:
+    return (-1,) + (1,) * (x.ndim - 2)
+
+
+def _scale_shift_in_place(
+    y: np.ndarray, scale: np.ndarray, bias: np.ndarray, var: np.ndarray, epsilon: float
 ) -> np.ndarray:
-    """(x - mean) / sqrt(var + epsilon) * scale + bias, per channel, in x's working dtype."""
-    work = x.dtype
-    shape = (-1,) + (1,) * (x.ndim - 2)
-    factor = scale.astype(work) / np.sqrt(var.astype(work) + work.type(epsilon))
-    y = x - mean.astype(work).reshape(shape)
-    y *= factor.reshape(shape)
-    y += bias.astype(work).reshape(shape)
+    """y * scale / sqrt(var + epsilon) + bias, per channel, written into `y` (already centered)."""
+    work = y.dtype
+    factor = scale.astype(work, copy=False) / np.sqrt(
+        var.astype(work, copy=False) + work.type(epsilon)
+    )
+    y *= factor.reshape(_channel_shape(y))
+    y += bias.astype(work, copy=False).reshape(_channel_shape(y))
     return y
-
-
-def _batch_statistics(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    axes = (0, *range(2, x.ndim))
-    mean = np.mean(x, axis=axes)
-    # Two passes (mean, then mean of squared deviations): no cancellation.
-    deviation = x - mean.reshape((-1,) + (1,) * (x.ndim - 2))
-    var = np.mean(np.square(deviation), axis=axes)
-    return mean, var
 
 
 def _inference(X, scale, B, input_mean, input_var, epsilon) -> np.ndarray:
     _check(X, scale=scale, B=B, input_mean=input_mean, input_var=input_var)
     x = X.astype(_work_dtype(X), copy=False)
-    return as_array(_normalize(x, scale, B, input_mean, input_var, epsilon), X.dtype)
+    centered = x - input_mean.astype(x.dtype, copy=False).reshape(_channel_shape(x))
+    return as_array(_scale_shift_in_place(centered, scale, B, input_var, epsilon), X.dtype)
 
 
 def _training(X, scale, B, input_mean, input_var, epsilon, momentum) -> tuple:
     _check(X, scale=scale, B=B, input_mean=input_mean, input_var=input_var)
     x = X.astype(_work_dtype(X), copy=False)
-    batch_mean, batch_var = _batch_statistics(x)
-    y = as_array(_normalize(x, scale, B, batch_mean, batch_var, epsilon), X.dtype)
+    axes = (0, *range(2, x.ndim))
+    count = x.dtype.type(x.size // x.shape[1]) if x.shape[1] else x.dtype.type(0)
+    batch_mean = np.add.reduce(x, axis=axes) / count
+    # Two passes (mean, then squared deviations): no cancellation. The
+    # deviations become Y in place, so the whole op allocates one X-sized array.
+    centered = x - batch_mean.reshape(_channel_shape(x))
+    batch_var = sum_of_squares(centered, axes) / count
+    y = as_array(_scale_shift_in_place(centered, scale, B, batch_var, epsilon), X.dtype)
     stats = compute_dtype(input_mean.dtype) if input_mean.dtype.kind == "f" else x.dtype
     m = stats.type(momentum)
     running_mean = input_mean.astype(stats) * m + batch_mean.astype(stats) * (1 - m)

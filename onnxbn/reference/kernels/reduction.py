@@ -47,14 +47,27 @@ def _mean(data: np.ndarray, axes: tuple, keepdims: bool) -> np.ndarray:
     return np.true_divide(total, dtype.type(count))
 
 
+def sum_of_squares(x: np.ndarray, axes: tuple[int, ...], keepdims: bool = False) -> np.ndarray:
+    """Sum of x * x over `axes` without materializing x * x (einsum), in x's
+    accumulation dtype (float32 for float16/bfloat16)."""
+    work = x.astype(np.float32) if x.dtype in LOW_PRECISION else x
+    if work.dtype.kind == "f" and work.ndim <= 26:
+        letters = "abcdefghijklmnopqrstuvwxyz"[: work.ndim]
+        kept = "".join(letters[i] for i in range(work.ndim) if i not in axes)
+        total = np.einsum(f"{letters},{letters}->{kept}", work, work)
+        if keepdims:
+            total = np.reshape(total, [1 if i in axes else d for i, d in enumerate(work.shape)])
+        return total
+    return np.add.reduce(work * work, axis=axes, keepdims=keepdims)
+
+
 def _sum_square(data: np.ndarray, axes: tuple, keepdims: bool) -> np.ndarray:
-    x = data.astype(np.float32) if data.dtype in LOW_PRECISION else data
-    return np.add.reduce(x * x, axis=axes, keepdims=keepdims)
+    return sum_of_squares(data, axes, keepdims)
 
 
 def _l2(data: np.ndarray, axes: tuple, keepdims: bool) -> np.ndarray:
-    x = data.astype(float_compute_dtype(data.dtype))
-    return np.sqrt(np.add.reduce(x * x, axis=axes, keepdims=keepdims))
+    x = data.astype(float_compute_dtype(data.dtype), copy=False)
+    return np.sqrt(sum_of_squares(x, axes, keepdims))
 
 
 def _prod(data: np.ndarray, axes: tuple, keepdims: bool) -> np.ndarray:
