@@ -63,7 +63,7 @@ def standardize_data_format(value: Any) -> str:
     if data_format not in ("channels_first", "channels_last"):
         raise ValueError(
             "The `data_format` argument must be one of {'channels_first', 'channels_last'}. "
-            f"Received: data_format={value}"
+            f"Received: data_format={data_format}"
         )
     return data_format
 
