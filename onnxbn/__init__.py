@@ -1,7 +1,8 @@
 """onnxbn: Keras's BatchNormalization, exact, fast and portable in ONNX."""
 
-from onnxbn import layers
+from onnxbn import layers, runtime
 from onnxbn.dtypes import DTypePolicy
+from onnxbn.export import export_onnx
 from onnxbn.model import Model
 from onnxbn.naming import reset_names
 from onnxbn.node import Node
@@ -19,6 +20,8 @@ __all__ = [
     "Operation",
     "SymbolicTensor",
     "Variable",
+    "export_onnx",
     "layers",
     "reset_names",
+    "runtime",
 ]

@@ -1,0 +1,386 @@
+"""`export_onnx`: walk the graph, apply the lowering rules, validate, write atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError, EncodeError
+from onnx import helper
+
+import onnxbn.lowering  # noqa: F401 - registers every lowering rule
+from onnxbn.layers.input_layer import InputLayer
+from onnxbn.layers.layer import Layer
+from onnxbn.lowering.context import STATE_OUTPUT_SUFFIX, LoweringContext, Value, onnx_dtype
+from onnxbn.lowering.input_layer import declare_input, input_dims
+from onnxbn.lowering.registry import lookup_lowering
+from onnxbn.node import Node
+from onnxbn.operation import Operation
+from onnxbn.tensor import SymbolicTensor
+from onnxbn.tree import flatten, map_structure
+
+DEFAULT_OPSET = 18
+MIN_OPSET = 15
+PRODUCER_NAME = "onnxbn"
+METADATA_LAYER_PREFIX = "onnxbn:layer:"
+
+# What onnx or protobuf raise on an invalid model; re-raised as ValueError.
+_ONNX_ERRORS = (
+    onnx.checker.ValidationError,
+    onnx.shape_inference.InferenceError,
+    DecodeError,
+    EncodeError,
+)
+
+
+def export_onnx(
+    model_or_layer: Any,
+    path: str | os.PathLike | None = None,
+    *,
+    training: bool | None = None,
+    opset: int | None = None,
+    fold_batchnorm: bool = True,
+) -> onnx.ModelProto:
+    """Exports a model (or a called layer) to ONNX.
+
+    Graph inputs are the model's inputs in order and under their names; graph
+    outputs its outputs in order. Every `None` dim is dynamic (a `dim_param`;
+    axis 0 is `batch`). A training export adds, for every trainable
+    BatchNormalization called in training mode, in graph order, the inputs
+    `<layer>/moving_mean`, `<layer>/moving_variance` (each also an initializer
+    with the current value, so feeding them is optional) after the model's
+    inputs, and the outputs `<layer>/moving_mean/new`, `<layer>/moving_variance/new`
+    after the model's outputs. Feeding each `/new` output back as the next
+    input carries the state, from any language.
+
+    Args:
+        model_or_layer: an `onnxbn.Model`, or a layer that was called on
+            symbolic tensors (exported from its first call's inputs to its output).
+        path: optional file to write; written atomically (a temp file in the same
+            folder, flushed and fsynced, then renamed over `path`).
+        training: True/False applies to every layer call (Keras's
+            `model(x, training=...)`); None keeps what each call recorded, and a
+            call that recorded nothing runs in inference mode.
+        opset: default-domain opset, 18 when None; any from 15 to `newest_opset()`.
+        fold_batchnorm: fold an inference-mode BatchNormalization into the
+            Conv/Dense that is its only producer (False keeps it separate). onnxbn
+            has no Conv/Dense layers yet, so today this changes nothing.
+
+    Returns:
+        The `onnx.ModelProto`; it passes `onnx.checker.check_model(full_check=True)`
+        and strict shape inference.
+
+    Raises:
+        TypeError: `model_or_layer` is not a model or layer, or a flag is not a bool.
+        ValueError: an unsupported opset, a layer that was never called, a
+            dynamic channel axis, duplicate names, or a model onnx rejects.
+        OSError: writing `path` failed (the previous file is left intact).
+    """
+    opset = check_opset(opset)
+    if training is not None and not isinstance(training, (bool, np.bool_)):
+        raise TypeError(f"training must be True, False or None, received {training!r}.")
+    if not isinstance(fold_batchnorm, (bool, np.bool_)):
+        raise TypeError(f"fold_batchnorm must be a bool, received {fold_batchnorm!r}.")
+    model = _export(model_or_layer, training, opset)
+    validate(model)
+    if path is not None:
+        write_atomic(model, path)
+    return model
+
+
+# -- opsets -------------------------------------------------------------------------
+@functools.cache
+def newest_opset() -> int:
+    """The newest opset both the installed onnx and onnxruntime support for onnxbn's ops.
+
+    Found once per process by exporting a probe model that uses every op the
+    lowering rules emit and asking onnxruntime to load it, newest opset first.
+    """
+    import onnxruntime
+
+    for opset in range(onnx.defs.onnx_opset_version(), MIN_OPSET, -1):
+        try:
+            probe = _export(_probe_model(), None, opset).SerializeToString()
+            options = onnxruntime.SessionOptions()
+            options.log_severity_level = 3
+            onnxruntime.InferenceSession(probe, options, providers=["CPUExecutionProvider"])
+        except Exception:  # noqa: BLE001 - any refusal means: not this opset
+            continue
+        return opset
+    return MIN_OPSET
+
+
+def check_opset(opset: Any) -> int:
+    """`opset` (18 when None) if supported, else a ValueError naming it and the range."""
+    if opset is None:
+        return DEFAULT_OPSET
+    if isinstance(opset, bool) or not isinstance(opset, (int, np.integer)):
+        raise TypeError(f"opset must be an int, received {opset!r}.")
+    newest = newest_opset()
+    if not MIN_OPSET <= int(opset) <= newest:
+        raise ValueError(
+            f"Unsupported opset {opset}: onnxbn exports opsets {MIN_OPSET} to {newest} "
+            f"(the newest that both onnx {onnx.__version__} and the installed onnxruntime "
+            "support)."
+        )
+    return int(opset)
+
+
+def _probe_model() -> Any:
+    """A small model whose export uses every op type of every lowering variant."""
+    from onnxbn.layers.batch_normalization import BatchNormalization
+    from onnxbn.model import Model
+    from onnxbn.tensor import Input
+
+    x = Input((3, 4, 5), dtype="float16", name="probe_x")
+    mask = Input((3, 4), dtype="float32", name="probe_mask")
+    xb = Input((4,), batch_size=2, dtype="bfloat16", name="probe_xb")
+    xd = Input((None, 6), dtype="int32", name="probe_xd")
+    outputs = [
+        BatchNormalization(axis=-1, name="probe_last")(x, mask=mask, training=True),
+        BatchNormalization(axis=1, name="probe_inner")(x, mask=mask, training=True),
+        BatchNormalization(axis=2, scale=False, center=False, name="probe_mid")(x, training=True),
+        BatchNormalization(axis=2, dtype="float64", name="probe_f64")(x, training=True),
+        BatchNormalization(axis=0, name="probe_first")(xb),
+        BatchNormalization(axis=-1, name="probe_folded")(x),
+        BatchNormalization(axis=-1, name="probe_rows")(xd, training=True),
+    ]
+    for axis in (1, -1):  # shared layers: state read by a later call of each mode
+        shared = BatchNormalization(axis=axis, name=f"probe_shared{axis}")
+        outputs.append(shared(shared(x, training=True), training=False))
+    return Model([x, mask, xb, xd], outputs, name="probe")
+
+
+# -- graph walk ---------------------------------------------------------------------
+def _graph_of(model_or_layer: Any) -> tuple[str, list, list, list[Node]]:
+    """`(name, inputs, outputs, nodes)` of a Model, or of a layer's first call."""
+    from onnxbn.model import Model
+
+    if isinstance(model_or_layer, Model):
+        m = model_or_layer
+        return m.name, list(m.inputs), list(m.outputs), m.nodes
+    if not isinstance(model_or_layer, Operation):
+        raise TypeError(
+            "export_onnx expects an onnxbn.Model or a called layer, received "
+            f"{type(model_or_layer).__name__}."
+        )
+    op = model_or_layer
+    if isinstance(op, InputLayer):
+        raise ValueError(f"InputLayer {op.name!r} has nothing to export; export a model.")
+    if not op._inbound_nodes:
+        raise ValueError(
+            f"{type(op).__name__} {op.name!r} was never called on symbolic tensors, so it "
+            "has no graph to export. Call it on onnxbn.Input(...) first, or export a Model."
+        )
+    node = op._inbound_nodes[0]
+    inputs: list[SymbolicTensor] = []
+    for tensor in node.input_tensors:
+        if all(tensor is not t for t in inputs):
+            inputs.append(tensor)
+    return op.name, inputs, list(node.outputs), [node]
+
+
+def _resolve_trainings(nodes: list[Node], training: bool | None) -> dict[int, bool]:
+    """`{id(node): training flag}` for every node whose op takes `training`."""
+    flags = {}
+    for node in nodes:
+        if isinstance(node.operation, InputLayer) or not node.operation._call_has_training_arg:
+            continue
+        flag = training if training is not None else node.call_kwargs.get("training")
+        flags[id(node)] = bool(flag) if flag is not None else False
+    return flags
+
+
+def _export(model_or_layer: Any, training: bool | None, opset: int) -> onnx.ModelProto:
+    name, inputs, outputs, nodes = _graph_of(model_or_layer)
+    flags = _resolve_trainings(nodes, training)
+    per_op: dict[int, list[bool]] = {}
+    for node in nodes:
+        if id(node) in flags:
+            per_op.setdefault(id(node.operation), []).append(flags[id(node)])
+    ctx = LoweringContext(opset, per_op)
+    values: dict[int, Value] = {}
+    for tensor in inputs:
+        op, _, _ = tensor.history
+        if isinstance(op, InputLayer):
+            with ctx.scope(op.name):
+                values[id(tensor)] = lookup_lowering(op)(ctx, op)
+        else:
+            values[id(tensor)] = declare_input(ctx, tensor)
+    for node in nodes:
+        op = node.operation
+        if isinstance(op, InputLayer) and all(id(t) in values for t in node.outputs):
+            continue
+
+        def resolve(item: Any) -> Any:
+            return values[id(item)] if isinstance(item, SymbolicTensor) else item
+
+        operands = map_structure(resolve, node.call_args)
+        params = map_structure(resolve, node.call_kwargs)
+        if id(node) in flags:
+            params["training"] = flags[id(node)]
+        scope = op.name if node.index == 0 else f"{op.name}/call_{node.index}"
+        rule = lookup_lowering(op)
+        with ctx.scope(scope):
+            result = rule(ctx, op, *operands, **params)
+        for tensor, value in zip(node.outputs, flatten(result)):
+            values[id(tensor)] = _name_output(ctx, value, tensor)
+    graph_outputs = _graph_outputs(ctx, outputs, values)
+    graph_outputs += ctx.state_outputs()
+    used = {name for node in ctx.nodes for name in node.input} | set(ctx.state)
+    ctx.initializers[:] = [t for t in ctx.initializers if t.name in used]
+    graph = helper.make_graph(ctx.nodes, name, ctx.inputs, graph_outputs, ctx.initializers)
+    opset_ids = [helper.make_opsetid("", opset)]
+    model = helper.make_model(
+        graph,
+        opset_imports=opset_ids,
+        ir_version=helper.find_min_ir_version_for(opset_ids),
+        producer_name=PRODUCER_NAME,
+        producer_version=_version(),
+        doc_string=f"Exported by onnxbn from {name!r}.",
+    )
+    _set_output_shapes(model, outputs)
+    _set_metadata(model, nodes, training, ctx)
+    return model
+
+
+def _name_output(ctx: LoweringContext, value: Value, tensor: SymbolicTensor) -> Value:
+    """Gives a call's output the symbolic tensor's name when that name is free."""
+    if value.dtype != tensor.dtype:
+        raise ValueError(
+            f"Lowering of {tensor.history[0].name!r} produced {value.dtype}, but the layer "
+            f"outputs {tensor.dtype}."
+        )
+    if not ctx.is_free(tensor.name):
+        return Value(value.name, value.dtype, tensor.shape)
+    ctx.reserve(tensor.name)
+    if ctx.produced(value.name):
+        ctx.rename(value.name, tensor.name)
+    else:  # a graph input or initializer passed through unchanged
+        ctx.nodes.append(
+            helper.make_node(
+                "Identity", [value.name], [tensor.name], name=f"{tensor.name}/Identity"
+            )
+        )
+    return Value(tensor.name, value.dtype, tensor.shape)
+
+
+def _graph_outputs(ctx, outputs: list[SymbolicTensor], values: dict) -> list:
+    result, seen = [], set()
+    for tensor in outputs:
+        value = values[id(tensor)]
+        if value.name != tensor.name or value.name in seen:
+            raise ValueError(
+                f"Model output {tensor.name!r} cannot keep its name in the graph (it is "
+                "listed twice, or the name is taken by an input or another tensor)."
+            )
+        seen.add(value.name)
+        result.append(helper.make_tensor_value_info(value.name, onnx_dtype(tensor.dtype), None))
+    return result
+
+
+def _set_output_shapes(model: onnx.ModelProto, outputs: list[SymbolicTensor]) -> None:
+    """Output shapes: static dims from the graph, dynamic ones named by shape inference."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except _ONNX_ERRORS:
+        inferred = None  # `validate` reports the problem
+    types = {}
+    if inferred is not None:
+        for info in list(inferred.graph.value_info) + list(inferred.graph.output):
+            types[info.name] = info.type.tensor_type
+    for info, tensor in zip(model.graph.output, outputs):
+        known = types.get(info.name)
+        dims = input_dims(tensor)
+        if known is not None and known.HasField("shape") and len(known.shape.dim) == len(dims):
+            for i, dim in enumerate(known.shape.dim):
+                if isinstance(dims[i], str) and dim.HasField("dim_param"):
+                    dims[i] = dim.dim_param
+        shape = helper.make_tensor_type_proto(onnx_dtype(tensor.dtype), dims)
+        info.type.CopyFrom(shape)
+
+
+def _set_metadata(model, nodes: list[Node], training: bool | None, ctx) -> None:
+    from onnxbn.layers.registry import serialize
+
+    entries = {"onnxbn:training": json.dumps(training)}
+    state = [[slot.path, slot.path + STATE_OUTPUT_SUFFIX] for slot in ctx.state.values()]
+    entries["onnxbn:state"] = json.dumps(state)
+    for node in nodes:
+        op = node.operation
+        key = METADATA_LAYER_PREFIX + op.name
+        if isinstance(op, InputLayer) or not isinstance(op, Layer) or key in entries:
+            continue
+        entries[key] = json.dumps(serialize(op), default=_json_default, sort_keys=True)
+    helper.set_model_props(model, entries)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return repr(value)
+
+
+def _version() -> str:
+    import onnxbn
+
+    return str(getattr(onnxbn, "__version__", "0"))
+
+
+# -- validation and writing ------------------------------------------------------------
+def validate(model: onnx.ModelProto) -> None:
+    """Full checker plus strict, type-checking shape inference.
+
+    Raises:
+        ValueError: what onnx reported.
+    """
+    try:
+        onnx.checker.check_model(model, full_check=True)
+        onnx.shape_inference.infer_shapes(model, strict_mode=True, check_type=True)
+    except _ONNX_ERRORS as error:
+        raise ValueError(f"The exported model is not valid ONNX: {error}") from error
+
+
+def write_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> None:
+    """Writes `model` to `path` so that readers see the old file or the whole new one.
+
+    A temp file in the same folder is written, flushed and fsynced, then renamed
+    over `path`; on any failure the temp file is removed and the previous file
+    is untouched. OS errors pass through unchanged.
+    """
+    try:
+        data = model.SerializeToString()
+    except _ONNX_ERRORS as error:
+        raise ValueError(f"The model could not be serialized: {error}") from error
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, temp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temp, _file_mode(path))
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+
+
+def _file_mode(path: str) -> int:
+    """The existing file's mode, else what a plain `open(path, "w")` would give."""
+    try:
+        return os.stat(path).st_mode & 0o777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask

@@ -1,0 +1,257 @@
+"""`LoweringContext`: what rules write into, and what it owns.
+
+The context owns every name in the graph (`<layer>/<what>`, unique), the
+initializers, the graph inputs, and the moving-statistic state slots of a
+training export. Rules only say which ONNX nodes they need; the context fills
+in every attribute the op's schema defines at the target opset, so the graph
+never depends on a runtime's idea of a default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnxbn.dtypes import standardize_dtype, to_numpy_dtype
+
+STATE_OUTPUT_SUFFIX = "/new"
+
+
+def onnx_dtype(dtype: str) -> int:
+    """TensorProto element type of an onnxbn dtype name."""
+    return helper.np_dtype_to_tensor_dtype(to_numpy_dtype(dtype))
+
+
+@dataclass(frozen=True)
+class Value:
+    """A tensor of the graph under construction.
+
+    Attributes:
+        name: graph name.
+        dtype: onnxbn dtype name (`"float32"`, `"bool"`, ...).
+        shape: static shape, `None` for a dimension known only at run time;
+            `None` as a whole when even the rank is unknown.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int | None, ...] | None = None
+
+    @property
+    def rank(self) -> int:
+        if self.shape is None:
+            raise ValueError(f"Value {self.name!r} has no known rank.")
+        return len(self.shape)
+
+
+@dataclass
+class StateSlot:
+    """One moving statistic carried through a training export."""
+
+    path: str  # `<layer>/moving_mean`: graph input and initializer name
+    dtype: str
+    shape: tuple[int, ...]
+    current: Value  # the latest value (the input until a call updates it)
+
+
+class LoweringContext:
+    """Collects nodes, initializers, inputs and state while rules run.
+
+    Args:
+        opset: default-domain opset version of the graph.
+        trainings: `{id(op): [resolved training flag of each call, in order]}`
+            for every operation called in the exported graph.
+    """
+
+    def __init__(self, opset: int, trainings: dict[int, list[bool]] | None = None) -> None:
+        self.opset = opset
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.state: dict[str, StateSlot] = {}
+        self._trainings = trainings or {}
+        self._names: set[str] = set()
+        self._scope = ""
+
+    # -- naming ---------------------------------------------------------------
+    @contextlib.contextmanager
+    def scope(self, name: str) -> Iterator[None]:
+        """Names created inside start with `name/` (e.g. the layer name)."""
+        previous = self._scope
+        self._scope = name
+        try:
+            yield
+        finally:
+            self._scope = previous
+
+    def reserve(self, name: str) -> str:
+        """Claims `name` exactly; a name already in use is an error."""
+        if name in self._names:
+            raise ValueError(
+                f"The graph name {name!r} is used twice; tensor and layer names must "
+                "be unique in an exported graph."
+            )
+        self._names.add(name)
+        return name
+
+    def is_free(self, name: str) -> bool:
+        return name not in self._names
+
+    def fresh(self, label: str) -> str:
+        """A new unique name `<scope>/<label>` (`_1`, `_2`, ... on reuse)."""
+        base = f"{self._scope}/{label}" if self._scope else label
+        name, k = base, 0
+        while name in self._names:
+            k += 1
+            name = f"{base}_{k}"
+        self._names.add(name)
+        return name
+
+    # -- graph pieces -----------------------------------------------------------
+    def add_input(self, name: str, dtype: str, dims: Sequence[int | str]) -> Value:
+        """Declares a graph input; `dims` holds ints and dim_param strings."""
+        self.reserve(name)
+        self.inputs.append(helper.make_tensor_value_info(name, onnx_dtype(dtype), list(dims)))
+        shape = tuple(d if isinstance(d, int) else None for d in dims)
+        return Value(name, dtype, shape)
+
+    def constant(self, array: Any, label: str, dtype: str | None = None) -> Value:
+        """An initializer holding `array` (cast to `dtype` when given)."""
+        data = np.asarray(array)
+        if dtype is not None:
+            data = data.astype(to_numpy_dtype(dtype))
+        name = self.fresh(label)
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(data), name))
+        return Value(name, standardize_dtype(data.dtype), tuple(data.shape))
+
+    def op(
+        self,
+        op_type: str,
+        inputs: Sequence[Value | str | None],
+        *,
+        label: str | None = None,
+        dtype: str | None = None,
+        shape: tuple[int | None, ...] | None = None,
+        outputs: int = 1,
+        **attributes: Any,
+    ) -> Value:
+        """Appends one node and returns its (first) output.
+
+        Every attribute the schema of `op_type` gives a default at this opset
+        and that is not passed is written with that default.
+
+        Args:
+            op_type: default-domain ONNX op type.
+            inputs: input values (`None` or `""` for an omitted optional input).
+            label: output name label (default: the op type).
+            dtype: output dtype (default: the first input's).
+            shape: output static shape, if the rule knows it.
+            outputs: number of node outputs (only the first is returned).
+            **attributes: node attributes.
+        """
+        names = ["" if v is None else (v if isinstance(v, str) else v.name) for v in inputs]
+        out_names = [self.fresh(label or op_type)]
+        out_names += [self.fresh(f"{label or op_type}_out{i}") for i in range(1, outputs)]
+        node = helper.make_node(
+            op_type,
+            names,
+            out_names,
+            name=self.fresh(f"{op_type}:node"),
+            **self._with_defaults(op_type, attributes),
+        )
+        self.nodes.append(node)
+        if dtype is None:
+            first = next((v for v in inputs if isinstance(v, Value)), None)
+            if first is None:
+                raise ValueError(f"{op_type}: the output dtype must be given.")
+            dtype = first.dtype
+        return Value(out_names[0], dtype, shape)
+
+    def _with_defaults(self, op_type: str, attributes: dict[str, Any]) -> dict[str, Any]:
+        schema = onnx.defs.get_schema(op_type, self.opset)
+        unknown = sorted(set(attributes) - set(schema.attributes))
+        if unknown:
+            raise ValueError(
+                f"{op_type}-{schema.since_version} has no attributes {unknown}; "
+                f"known: {sorted(schema.attributes)}."
+            )
+        full = dict(attributes)
+        for name, attr in schema.attributes.items():
+            if name not in full and attr.default_value.type != onnx.AttributeProto.UNDEFINED:
+                full[name] = helper.get_attribute_value(attr.default_value)
+        return full
+
+    # -- state ----------------------------------------------------------------
+    def trainings(self, op: Any) -> list[bool]:
+        """Resolved `training` flags of every call of `op` in this export."""
+        return list(self._trainings.get(id(op), []))
+
+    def read_state(self, path: str, value: np.ndarray, dtype: str) -> Value:
+        """Current value of the state `path`, declaring it on first use.
+
+        The first read creates the graph input `path` with an initializer
+        holding `value`, so feeding it is optional.
+        """
+        slot = self.state.get(path)
+        if slot is None:
+            data = np.asarray(value).astype(to_numpy_dtype(dtype))
+            self.reserve(path)
+            self.reserve(path + STATE_OUTPUT_SUFFIX)
+            self.inputs.append(
+                helper.make_tensor_value_info(path, onnx_dtype(dtype), list(data.shape))
+            )
+            self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(data), path))
+            slot = StateSlot(path, dtype, tuple(data.shape), Value(path, dtype, data.shape))
+            self.state[path] = slot
+        return slot.current
+
+    def write_state(self, path: str, value: Value) -> None:
+        """Makes `value` the current value of the state `path`."""
+        slot = self.state[path]
+        if value.dtype != slot.dtype:
+            raise ValueError(f"State {path!r} is {slot.dtype}; a rule wrote a {value.dtype} value.")
+        slot.current = value
+
+    def state_outputs(self) -> list[onnx.ValueInfoProto]:
+        """Names the final value of every state `<path>/new` and declares the outputs."""
+        outputs = []
+        for slot in self.state.values():
+            target = slot.path + STATE_OUTPUT_SUFFIX
+            if slot.current.name == slot.path:
+                self.nodes.append(
+                    helper.make_node(
+                        "Identity",
+                        [slot.path],
+                        [target],
+                        name=self.fresh(f"{slot.path}/Identity:node"),
+                    )
+                )
+            else:
+                self.rename(slot.current.name, target)
+            outputs.append(
+                helper.make_tensor_value_info(target, onnx_dtype(slot.dtype), list(slot.shape))
+            )
+        return outputs
+
+    # -- rewriting --------------------------------------------------------------
+    def rename(self, old: str, new: str) -> None:
+        """Renames a node output everywhere it appears (`new` must be reserved)."""
+        for node in self.nodes:
+            for i, name in enumerate(node.input):
+                if name == old:
+                    node.input[i] = new
+            for i, name in enumerate(node.output):
+                if name == old:
+                    node.output[i] = new
+        self._names.discard(old)
+        self._names.add(new)
+
+    def produced(self, name: str) -> bool:
+        """True when a node of the graph outputs `name`."""
+        return any(name in node.output for node in self.nodes)

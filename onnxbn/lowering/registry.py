@@ -1,0 +1,48 @@
+"""The lowering table: one rule per Operation class, registered by decorator."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from onnxbn.registry import Registry, RegistryLookupError
+
+# A rule is `rule(ctx, op, *operands, **params)`: `ctx` is the LoweringContext,
+# `op` the called Operation, operands the lowered positional call arguments
+# and params the keyword ones (e.g. `training=`, `mask=`). It returns the
+# lowered output value(s) in the structure of the call's outputs.
+LoweringRule = Callable[..., Any]
+
+LOWERING_RULES: Registry[type, LoweringRule] = Registry("lowering rule")
+
+
+def register_lowering(op_class: type) -> Callable[[LoweringRule], LoweringRule]:
+    """Decorator registering the lowering rule of `op_class`.
+
+    Args:
+        op_class: the Operation subclass the rule lowers.
+
+    Returns:
+        A decorator that registers the rule and returns it unchanged.
+
+    Raises:
+        ValueError: `op_class` already has a rule.
+    """
+    return LOWERING_RULES.register(op_class)
+
+
+def lookup_lowering(op: Any) -> LoweringRule:
+    """The rule for `op`'s class (or its nearest registered base class).
+
+    Raises:
+        ValueError: no rule for the class; the message lists the known classes.
+    """
+    for cls in type(op).__mro__:
+        rule = LOWERING_RULES.get(cls)
+        if rule is not None:
+            return rule
+    known = [cls.__name__ for cls in LOWERING_RULES]
+    raise RegistryLookupError(
+        f"No ONNX lowering for {type(op).__name__} {getattr(op, 'name', op)!r}; "
+        f"operations with a lowering: {sorted(known)}."
+    )
