@@ -1,0 +1,242 @@
+"""Functional configs as real Keras writes them: the implicit-mask fixture, weights in Keras
+order, eager results against float64 NumPy, round trips of models using every layer type."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import onnxbn
+from onnxbn import layers
+from tests.oracle import TOLERANCES
+
+FIXTURES = Path(__file__).parent / "fixtures" / "keras"
+
+
+def implicit_mask_config() -> dict:
+    return json.loads((FIXTURES / "implicit_mask_model.json").read_text())["get_config"]
+
+
+def by_name(config: dict) -> dict:
+    """The config with its layer list turned into a dict keyed by name (order aside)."""
+    return {**config, "layers": {entry["name"]: entry for entry in config["layers"]}}
+
+
+def test_implicit_mask_fixture_round_trips_layer_by_layer():
+    config = implicit_mask_config()
+    model = onnxbn.Model.from_config(config)
+    assert by_name(json.loads(json.dumps(model.get_config()))) == by_name(config)
+    assert [l.name for l in model.layers] == ["tokens", "emb", "proj", "bn", "pool"]
+    assert [type(op).__name__ for op in model.operations].count("NotEqual") == 1
+    # The Keras envelope around the config is accepted too.
+    wrapped = {
+        "module": "keras.src.models.functional",
+        "class_name": "Functional",
+        "config": config,
+    }
+    assert by_name(onnxbn.Model.from_config(wrapped).get_config()) == by_name(config)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="onnxbn.model orders layers by depth from the inputs; Keras (functional.map_graph) "
+    "orders them by depth from the outputs, which puts 'proj' before 'not_equal'",
+)
+def test_implicit_mask_fixture_round_trips_in_keras_layer_order():
+    config = implicit_mask_config()
+    assert onnxbn.Model.from_config(config).get_config() == config
+
+
+def keras_order_weights(rng):
+    """Arrays in Keras order: embeddings, kernel, bias, gamma, beta, moving mean, moving variance."""
+    return [
+        rng.normal(size=(30, 4)),
+        rng.normal(size=(4, 6)),
+        rng.normal(size=(6,)),
+        rng.uniform(0.5, 1.5, size=(6,)),
+        rng.normal(size=(6,)),
+        rng.normal(size=(6,)),
+        rng.uniform(0.5, 2.0, size=(6,)),
+    ]
+
+
+def oracle(tokens, weights, *, training, momentum=0.99, epsilon=1e-3):
+    """Embedding lookup -> dense -> masked batch norm -> masked average, in float64."""
+    table, kernel, bias, gamma, beta, moving_mean, moving_var = (
+        np.asarray(w, np.float64) for w in weights
+    )
+    mask = tokens != 0
+    h = table[tokens] @ kernel + bias  # (batch, steps, 6)
+    if training:
+        count = mask.sum()
+        mean = (h * mask[..., None]).sum((0, 1)) / (count + 1e-7)
+        var = (((h - mean) ** 2) * mask[..., None]).sum((0, 1)) / (count + 1e-7)
+        new_mean = moving_mean * momentum + mean * (1 - momentum)
+        new_var = moving_var * momentum + var * (1 - momentum)
+    else:
+        mean, var, new_mean, new_var = moving_mean, moving_var, moving_mean, moving_var
+    h = gamma * (h - mean) / np.sqrt(var + epsilon) + beta
+    pooled = (h * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+    return pooled, new_mean, new_var
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_implicit_mask_model_eager_matches_float64_numpy(training):
+    rng = np.random.default_rng(21)
+    model = onnxbn.Model.from_config(implicit_mask_config())
+    weights = keras_order_weights(rng)
+    assert [w.path for w in model.weights] == [
+        "emb/embeddings",
+        "proj/kernel",
+        "proj/bias",
+        "bn/gamma",
+        "bn/beta",
+        "bn/moving_mean",
+        "bn/moving_variance",
+    ]
+    model.set_weights(weights)
+    tokens = rng.integers(1, 30, size=(5, 9)).astype(np.int32)
+    tokens[0, 6:] = 0
+    tokens[3, 2:] = 0
+    tokens[4, ::2] = 0
+    y = model(tokens, training=training)
+    stored = [w.astype(np.float32) for w in weights]  # the variables hold float32
+    expected, new_mean, new_var = oracle(tokens, stored, training=training)
+    assert y.shape == (5, 6) and y.dtype == np.float32
+    np.testing.assert_allclose(y, expected, *TOLERANCES["float32"])
+    bn = model.get_layer("bn")
+    np.testing.assert_allclose(bn.moving_mean.numpy(), new_mean, *TOLERANCES["float32"])
+    np.testing.assert_allclose(bn.moving_variance.numpy(), new_var, *TOLERANCES["float32"])
+
+
+def test_set_weights_checks_count_and_shapes():
+    model = onnxbn.Model.from_config(implicit_mask_config())
+    weights = keras_order_weights(np.random.default_rng(0))
+    with pytest.raises(ValueError, match="expecting 7 weights"):
+        model.set_weights(weights[:-1])
+    with pytest.raises(ValueError, match="proj/kernel"):
+        model.set_weights([weights[0], weights[1].T, *weights[2:]])
+
+
+@pytest.mark.parametrize(
+    "class_name,module",
+    [
+        ("LSTM", "keras.layers"),
+        ("MultiHeadAttention", "keras.layers"),
+        ("Equal", "keras.src.ops.numpy"),
+    ],
+)
+def test_unknown_layer_class_is_named(class_name, module):
+    config = implicit_mask_config()
+    entry = next(e for e in config["layers"] if e["name"] == "pool")
+    entry["class_name"], entry["module"] = class_name, module
+    with pytest.raises(ValueError, match=f"Unknown layer class '{class_name}'") as info:
+        onnxbn.Model.from_config(config)
+    assert "Dense" in str(info.value) and "NotEqual" in str(info.value)  # lists the known ones
+
+
+def test_functional_model_fixture_still_round_trips():
+    config = json.loads((FIXTURES / "functional_model.json").read_text())["get_config"]
+    assert onnxbn.Model.from_config(config).get_config() == config
+
+
+def mlp_model():
+    x = onnxbn.Input(shape=(2, 3), name="x")
+    h = layers.Flatten(name="flat")(x)
+    h = layers.Dense(8, use_bias=False, name="d1")(h)
+    h = layers.BatchNormalization(name="bn1")(h)
+    h = layers.ReLU(max_value=6.0, name="relu")(h)
+    h = layers.Dropout(0.3, seed=1, name="drop")(h)
+    return onnxbn.Model(x, layers.Dense(3, activation="softmax", name="head")(h), name="mlp")
+
+
+def sequence_model():
+    x = onnxbn.Input(shape=(7, 4), name="seq")
+    h = layers.Masking(name="mask")(x)
+    h = layers.Dense(5, activation="tanh", name="proj")(h)
+    h = layers.BatchNormalization(name="bn")(h)
+    h = layers.GlobalAveragePooling1D(name="pool")(h)
+    return onnxbn.Model(x, layers.Dense(2, name="head")(h), name="seq_classifier")
+
+
+def token_model():
+    t = onnxbn.Input(shape=(6,), dtype="int32", name="tokens")
+    h = layers.Embedding(20, 4, mask_zero=True, name="emb")(t)
+    h = layers.Conv1D(4, 3, padding="causal", name="conv")(h)  # drops the mask
+    h = layers.BatchNormalization(name="bn")(h)
+    h = layers.GlobalAveragePooling1D(keepdims=True, name="pool")(h)
+    return onnxbn.Model(t, layers.Flatten(name="flat")(h), name="tokens")
+
+
+def resnet_model():
+    x = onnxbn.Input(shape=(6, 6, 3), name="image")
+    h = layers.Conv2D(4, 3, padding="same", use_bias=False, name="stem")(x)
+    h = layers.BatchNormalization(name="stem_bn")(h)
+    h = layers.ReLU(name="stem_relu")(h)
+    r = layers.Conv2D(4, 3, padding="same", use_bias=False, name="block_conv")(h)
+    r = layers.BatchNormalization(name="block_bn")(r)
+    h = layers.Add(name="block_add")([h, r])
+    h = layers.Activation("relu", name="block_relu")(h)
+    h = layers.GlobalAveragePooling2D(name="pool")(h)
+    return onnxbn.Model(x, layers.Dense(3, name="head")(h), name="resnet")
+
+
+def sample_input(model, rng):
+    tensor = model.inputs[0]
+    shape = (3,) + tensor.shape[1:]
+    if tensor.dtype == "int32":
+        data = rng.integers(0, 20, size=shape).astype(np.int32)
+        data[0, 4:] = 0
+        return data
+    data = rng.normal(size=shape).astype(np.float32)
+    if tensor.shape[1:] == (7, 4):
+        data[1, 5:] = 0.0  # masked steps for the Masking model
+    return data
+
+
+def check_round_trip(model):
+    rng = np.random.default_rng(8)
+    for w in model.weights:
+        w.assign(
+            rng.normal(size=w.shape) if "variance" not in w.name else rng.uniform(0.5, 2, w.shape)
+        )
+    config = json.loads(json.dumps(model.get_config()))
+    rebuilt = onnxbn.Model.from_config(copy.deepcopy(config))
+    assert rebuilt.get_config() == config
+    assert [w.path for w in rebuilt.weights] == [w.path for w in model.weights]
+    rebuilt.set_weights(model.get_weights())
+    data = sample_input(model, rng)
+    np.testing.assert_array_equal(rebuilt(data), model(data))
+    # Training mode too: same batch statistics, same seeded dropout stream.
+    np.testing.assert_array_equal(rebuilt(data, training=True), model(data, training=True))
+
+
+@pytest.mark.parametrize("make", [mlp_model, sequence_model, token_model])
+def test_models_round_trip_through_json_configs(make):
+    check_round_trip(make())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="layers.registry.deserialize reads build_config as one flat shape; Add's (a list of "
+    "shapes, as Keras writes it) needs layer.build_from_config",
+)
+def test_resnet_with_add_round_trips_through_json_config():
+    check_round_trip(resnet_model())
+
+
+def test_resnet_eager_shapes_and_config_entries():
+    model = resnet_model()
+    y = model(np.random.default_rng(0).normal(size=(2, 6, 6, 3)).astype(np.float32))
+    assert y.shape == (2, 3)
+    entries = {e["name"]: e for e in model.get_config()["layers"]}
+    assert entries["block_add"]["build_config"] == {
+        "input_shape": [[None, 6, 6, 4], [None, 6, 6, 4]]
+    }
+    args = entries["block_add"]["inbound_nodes"][0]["args"]
+    assert [ref["config"]["keras_history"][0] for ref in args[0]] == ["stem_relu", "block_bn"]
+    assert entries["stem"]["config"]["kernel_size"] == [3, 3]
