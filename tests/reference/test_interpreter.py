@@ -300,3 +300,23 @@ def test_model_proto_is_not_modified():
     Interpreter(model).run({"x": X})
     assert model.SerializeToString() == before
     assert isinstance(Interpreter(model.SerializeToString()).model, onnx.ModelProto)
+
+
+def test_interpreter_is_independent_of_onnxruntime_and_onnx_reference():
+    import ast
+    import pathlib
+
+    package = pathlib.Path(onnxbn.reference.__file__).parent
+    forbidden = ("onnxruntime", "onnx.reference", "onnxbn.runtime")
+    imported = []
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported += [(path.name, alias.name) for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported.append((path.name, node.module))
+                if node.module == "onnx":
+                    imported += [(path.name, f"onnx.{alias.name}") for alias in node.names]
+    assert len(imported) > 20
+    bad = [(f, m) for f, m in imported if m.startswith(forbidden)]
+    assert not bad

@@ -26,13 +26,14 @@ for _name in ("FLOAT4E2M1", "FLOAT8E8M0", "UINT2", "INT2"):
     if hasattr(TensorProto, _name):
         _UNSUPPORTED_TARGETS.add(getattr(TensorProto, _name))
 
-_DTYPES = {
-    np.dtype(helper.tensor_dtype_to_np_dtype(code)): code
-    for code in TensorProto.DataType.values()
-    if code not in _UNSUPPORTED_TARGETS
-    and code != TensorProto.UNDEFINED
-    and helper.tensor_dtype_to_np_dtype(code) is not None
-}
+_DTYPES: dict[np.dtype, int] = {}
+for _code in TensorProto.DataType.values():
+    if _code in _UNSUPPORTED_TARGETS or _code == TensorProto.UNDEFINED:
+        continue
+    try:
+        _DTYPES[np.dtype(helper.tensor_dtype_to_np_dtype(_code))] = _code
+    except (KeyError, ValueError, TypeError):
+        continue  # a code this onnx version cannot map to NumPy
 
 
 def _target_dtype(to: int) -> np.dtype:

@@ -199,7 +199,7 @@ def average_pool(
     return (as_array(sums / counts, X.dtype),)
 
 
-@kernel("MaxPool", 8)
+@kernel("MaxPool", 8, wants_output_count=True)
 def max_pool(
     X: np.ndarray,
     *,
@@ -210,7 +210,8 @@ def max_pool(
     pads: list[int] | None = None,
     storage_order: int = 0,
     strides: list[int] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
+    _num_node_outputs: int = 2,
+) -> tuple[np.ndarray, ...]:
     strides_, dil, begin, end, extra, out = _pool_setup(
         "MaxPool",
         X,
@@ -226,6 +227,8 @@ def max_pool(
     x = _pad(X, begin, full_end, lowest, "MaxPool padded input")
     s = len(out)
     windows = _windows(x, kernel_shape, strides_, dil, out)
+    if _num_node_outputs < 2:  # no Indices requested
+        return (as_array(windows.max(axis=tuple(range(-s, 0))), X.dtype),)
     flat = windows.reshape(*windows.shape[: 2 + s], -1)
     arg = np.argmax(flat, axis=-1)
     y = np.take_along_axis(flat, arg[..., None], axis=-1)[..., 0]

@@ -20,7 +20,8 @@ def _binary(ufunc: np.ufunc, op_type: str) -> Callable[..., tuple[np.ndarray]]:
     what = f"{op_type} output"
 
     def fn(A: np.ndarray, B: np.ndarray) -> tuple[np.ndarray]:
-        check_broadcast(what, A, B)
+        if A.shape != B.shape:  # equal shapes cannot grow
+            check_broadcast(what, A, B)
         result = ufunc(A, B)
         return (result if type(result) is np.ndarray else np.asarray(result),)
 
