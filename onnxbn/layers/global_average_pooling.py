@@ -31,7 +31,11 @@ class BaseGlobalPooling(Layer):
     """
 
     def __init__(
-        self, pool_dimensions: int, data_format: str | None = None, keepdims: bool = False, **kwargs
+        self,
+        pool_dimensions: int,
+        data_format: str | None = None,
+        keepdims: bool = False,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.data_format = standardize_data_format(data_format)
@@ -116,9 +120,10 @@ class GlobalAveragePooling1D(BaseGlobalPooling):
         axis = self.spatial_axes[0]
         x = inputs.astype(np.float64)
         if mask is None:
-            y = x.mean(axis=axis, keepdims=self.keepdims) if x.shape[axis] else None
-            if y is None:  # no steps: NaN like Keras, without NumPy's warning
+            if x.shape[axis] == 0:  # no steps: NaN as Keras's mean gives, without a warning
                 y = np.full(self.compute_output_shape(x.shape), np.nan)
+            else:
+                y = x.mean(axis=axis, keepdims=self.keepdims)
         else:
             mask = to_array(mask, f"Mask of layer {self.name!r}")
             self._check_mask(mask.shape, x.shape)

@@ -11,7 +11,6 @@ given symbolic tensors and computes with NumPy otherwise.
 
 from __future__ import annotations
 
-import builtins
 from collections.abc import Sequence
 from typing import Any as AnyType
 
@@ -32,7 +31,7 @@ def broadcast_shapes(shape1: Sequence[int | None], shape2: Sequence[int | None])
         ValueError: two known dims that differ and are not 1.
     """
     s1, s2 = list(shape1), list(shape2)
-    rank = builtins.max(len(s1), len(s2))
+    rank = max(len(s1), len(s2))
     s1 = [1] * (rank - len(s1)) + s1
     s2 = [1] * (rank - len(s2)) + s2
     out = []
