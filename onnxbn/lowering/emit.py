@@ -71,14 +71,14 @@ def reduce(
 
 def shape_of(ctx: LoweringContext, x: Value, start: int = 0, end: int | None = None) -> Value:
     """`shape(x)[start:end]` as a 1-D int64 tensor (a constant when static)."""
-    stop = x.rank if end is None else end
-    dims = x.shape[start:stop]
-    if all(d is not None for d in dims):
-        return ints(ctx, dims, "shape")
+    if x.shape is not None:
+        dims = x.shape[start : x.rank if end is None else end]
+        if all(d is not None for d in dims):
+            return ints(ctx, dims, "shape")
     attrs = {"start": start}
     if end is not None:
         attrs["end"] = end
-    return ctx.op("Shape", [x], dtype="int64", shape=(len(dims),), label="shape", **attrs)
+    return ctx.op("Shape", [x], dtype="int64", label="shape", **attrs)
 
 
 def static_product(dims: Sequence[int | None]) -> int | None:
