@@ -139,6 +139,8 @@ class Interpreter:
         # run_all keeps every value, so it runs the plan without drops or reuse.
         self._all_steps = steps
         self._steps = self._optimized(steps)
+        self._all_program = [(s.fn, s.inputs, s.kwargs, s.outputs, (), s.node) for s in steps]
+        self._program = [(s.fn, s.inputs, s.kwargs, s.outputs, s.drop, s.node) for s in self._steps]
 
     @staticmethod
     def _claim(names: Mapping[str, Any] | set[str], name: str, what: str) -> None:
@@ -348,26 +350,29 @@ class Interpreter:
         env = dict(self._constants)
         env.update(feeds)
         token = set_max_bytes(self.max_bytes)
-        step = None
+        label = ""
         try:
             with np.errstate(all="ignore"):
-                for step in self._all_steps if keep_all else self._steps:
-                    results = step.fn(*[env[n] for n in step.inputs], **step.kwargs)
-                    if len(results) < len(step.outputs):
+                # Plain tuples, unpacked once per node: the loop is the per-node overhead.
+                for fn, inputs, kwargs, outputs, drop, label in (  # noqa: B007 (read on error)
+                    self._all_program if keep_all else self._program
+                ):
+                    results = fn(*[env[n] for n in inputs], **kwargs)
+                    if len(results) < len(outputs):
                         raise ValueError(
                             f"produced {len(results)} outputs but the node names "
-                            f"{len(step.outputs)} {list(step.outputs)}"
+                            f"{len(outputs)} {list(outputs)}"
                         )
-                    for name, value in zip(step.outputs, results):
+                    for name, value in zip(outputs, results):
                         env[name] = value
-                    for name in step.drop:
+                    for name in drop:
                         del env[name]
         except NotImplementedError as error:
-            raise NotImplementedError(f"{step.node}: {error}") from error
+            raise NotImplementedError(f"{label}: {error}") from error
         except TypeError as error:
-            raise TypeError(f"{step.node} failed: {error}") from error
+            raise TypeError(f"{label} failed: {error}") from error
         except (ValueError, ArithmeticError, IndexError, KeyError, MemoryError) as error:
-            raise ValueError(f"{step.node} failed: {error}") from error
+            raise ValueError(f"{label} failed: {error}") from error
         finally:
             reset_max_bytes(token)
         env.pop("", None)
