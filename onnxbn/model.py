@@ -30,55 +30,67 @@ def _check_tensors(structure: Any, what: str) -> list[SymbolicTensor]:
     return tensors
 
 
-def topological_nodes(inputs: list[SymbolicTensor], outputs: list[SymbolicTensor]) -> list[Node]:
-    """Nodes between `inputs` and `outputs`, each after the nodes it reads.
+def map_graph(
+    inputs: list[SymbolicTensor], outputs: list[SymbolicTensor]
+) -> tuple[list[Node], list[Operation]]:
+    """Keras's `map_graph`: the nodes in execution order and the operations in Keras order.
+
+    A depth-first walk from the outputs (first arguments first) numbers the
+    operations; depths count from the outputs, a shared operation taking its
+    deepest call's depth. Nodes run by decreasing depth; operations are listed
+    by decreasing depth, then walk order — the order Keras writes in configs.
 
     Raises:
         ValueError: an output depends on an input that is not in `inputs`
             (graph disconnected), or an input does not reach any output.
     """
     input_nodes = {id(t.history[0]._inbound_nodes[t.history[1]]) for t in inputs}
-    order: list[Node] = []
-    state: dict[int, int] = {}  # 1 = visiting, 2 = done
-    stack: list[tuple[Node, bool]] = []
-    for tensor in reversed(outputs):
-        op, index, _ = tensor.history
-        stack.append((op._inbound_nodes[index], False))
-    while stack:
-        node, expanded = stack.pop()
-        if expanded:
-            state[id(node)] = 2
-            order.append(node)
-            continue
-        if state.get(id(node)) is not None:
-            continue
-        state[id(node)] = 1
-        if isinstance(node.operation, InputLayer) and id(node) not in input_nodes:
-            raise ValueError(
-                f"Graph disconnected: the outputs depend on input {node.operation.name!r}, "
-                f"which is not one of the model inputs {[t.name for t in inputs]}."
-            )
-        stack.append((node, True))
-        for parent in reversed(node.parent_nodes):
-            if state.get(id(parent)) is None:
-                stack.append((parent, False))
-    reached = {id(n) for n in order}
-    # Keras order: by depth from the inputs (inputs first, in model order), then DFS order.
-    depth: dict[int, int] = {}
-    for node in order:
-        parents = node.parent_nodes
-        depth[id(node)] = 1 + max((depth[id(p)] for p in parents), default=-1)
-    input_rank = {id(t.history[0]._inbound_nodes[t.history[1]]): i for i, t in enumerate(inputs)}
-    position = {id(n): i for i, n in enumerate(order)}
-    order.sort(key=lambda n: (depth[id(n)], input_rank.get(id(n), 0), position[id(n)]))
+    finished: set[int] = set()
+    post_order: list[Node] = []
+    op_index: dict[int, int] = {}
+    for tensor in outputs:
+        stack = [(tensor.history[0]._inbound_nodes[tensor.history[1]], False)]
+        while stack:
+            node, expanded = stack.pop()
+            if expanded:
+                finished.add(id(node))
+                post_order.append(node)
+                continue
+            if id(node) in finished:
+                continue
+            if isinstance(node.operation, InputLayer) and id(node) not in input_nodes:
+                raise ValueError(
+                    f"Graph disconnected: the outputs depend on input {node.operation.name!r}, "
+                    f"which is not one of the model inputs {[t.name for t in inputs]}."
+                )
+            op_index.setdefault(id(node.operation), len(op_index))
+            stack.append((node, True))
+            for parent in reversed(node.parent_nodes):
+                if id(parent) not in finished:
+                    stack.append((parent, False))
     for tensor in inputs:
-        node = tensor.history[0]._inbound_nodes[tensor.history[1]]
-        if id(node) not in reached:
+        if id(tensor.history[0]._inbound_nodes[tensor.history[1]]) not in finished:
             raise ValueError(
                 f"Model input {tensor.name!r} is not connected to the outputs "
                 f"{[t.name for t in outputs]}."
             )
-    return order
+    node_depth: dict[int, int] = {}
+    op_depth: dict[int, int] = {}
+    for node in reversed(post_order):
+        depth = max(node_depth.setdefault(id(node), 0), op_depth.get(id(node.operation), 0))
+        op_depth[id(node.operation)] = node_depth[id(node)] = depth
+        for parent in node.parent_nodes:
+            node_depth[id(parent)] = max(depth + 1, node_depth.get(id(parent), 0))
+    position = {id(n): i for i, n in enumerate(post_order)}
+    nodes = sorted(post_order, key=lambda n: (-node_depth[id(n)], position[id(n)]))
+    operations: list[Operation] = []
+    seen: set[int] = set()
+    for node in post_order:
+        if id(node.operation) not in seen:
+            seen.add(id(node.operation))
+            operations.append(node.operation)
+    operations.sort(key=lambda op: (-op_depth[id(op)], op_index[id(op)]))
+    return nodes, operations
 
 
 class Model(Operation):
@@ -118,7 +130,7 @@ class Model(Operation):
                 )
         if len({id(t) for t in self.inputs}) != len(self.inputs):
             raise ValueError("Model inputs must be distinct tensors.")
-        self._nodes = topological_nodes(self.inputs, self.outputs)
+        self._nodes, self._operations = map_graph(self.inputs, self.outputs)
         super().__init__(name=name)
         if not trainable:
             self.trainable = False
@@ -130,12 +142,8 @@ class Model(Operation):
 
     @property
     def operations(self) -> list[Operation]:
-        """Every operation of the graph, once each, in order of first use."""
-        ops: list[Operation] = []
-        for node in self._nodes:
-            if node.operation not in ops:
-                ops.append(node.operation)
-        return ops
+        """Every operation of the graph, once each, in Keras's layer order."""
+        return list(self._operations)
 
     @property
     def layers(self) -> list[Layer]:

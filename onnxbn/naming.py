@@ -11,8 +11,10 @@ _lock = threading.Lock()
 
 
 def to_snake_case(name: str) -> str:
-    name = re.sub(r"(.)([A-Z][a-z]+)", r"\1_\2", name)
-    return re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name).lower()
+    """Keras's rule: `BatchNormalization` -> `batch_normalization`, `Conv1D` -> `conv1d`."""
+    name = re.sub(r"\W+", "", name)
+    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
 
 
 def uniquify(prefix: str) -> str:

@@ -41,11 +41,6 @@ def test_implicit_mask_fixture_round_trips_layer_by_layer():
     assert by_name(onnxbn.Model.from_config(wrapped).get_config()) == by_name(config)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="onnxbn.model orders layers by depth from the inputs; Keras (functional.map_graph) "
-    "orders them by depth from the outputs, which puts 'proj' before 'not_equal'",
-)
 def test_implicit_mask_fixture_round_trips_in_keras_layer_order():
     config = implicit_mask_config()
     assert onnxbn.Model.from_config(config).get_config() == config
@@ -220,11 +215,6 @@ def test_models_round_trip_through_json_configs(make):
     check_round_trip(make())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="layers.registry.deserialize reads build_config as one flat shape; Add's (a list of "
-    "shapes, as Keras writes it) needs layer.build_from_config",
-)
 def test_resnet_with_add_round_trips_through_json_config():
     check_round_trip(resnet_model())
 

@@ -114,7 +114,9 @@ def deserialize(config: Any) -> Any:
         raise TypeError(f"A layer's 'config' must be a dict, received {type(inner).__name__}.")
     layer = cls.from_config(inner)
     build_config = config.get("build_config")
-    if build_config is not None and hasattr(layer, "build"):
+    if build_config is not None and hasattr(layer, "build_from_config"):
+        layer.build_from_config(build_config)  # e.g. merge layers: a list of shapes
+    elif build_config is not None and hasattr(layer, "build"):
         if not isinstance(build_config, dict) or set(build_config) != {"input_shape"}:
             raise ValueError(
                 f"build_config must be {{'input_shape': [...]}}, received {build_config!r}."

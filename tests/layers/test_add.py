@@ -143,11 +143,6 @@ def test_config_and_build_config():
         layers.Add().build_from_config({"input_shape": None})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="layers.registry.deserialize reads build_config as one flat shape; a merge layer's "
-    "build_config is a list of shapes (it should call layer.build_from_config)",
-)
 def test_deserialize_keras_envelope_with_list_build_config():
     envelope = {
         "module": "keras.layers",
