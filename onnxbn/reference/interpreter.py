@@ -38,6 +38,7 @@ from onnxbn.reference.reuse import donating, plan_donations
 from onnxbn.session import FeedSpec, convert_feed
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
+_UNUSED = "\x00unused:"  # prefix of skipped outputs; no ONNX name starts with NUL
 
 
 class Step(NamedTuple):
@@ -206,10 +207,12 @@ class Interpreter:
             outputs.pop()
         if not outputs:
             raise ValueError(f"{label} has no outputs.")
-        for name in outputs:
+        for position, name in enumerate(outputs):
             if name:
                 self._claim(available, name, f"output of {label}")
                 available.add(name)
+            else:  # a skipped optional output: a private name nothing reads
+                outputs[position] = f"{_UNUSED}{index}:{position}"
         if kernel.wants_output_count:
             kwargs[OUTPUT_COUNT_KEYWORD] = len(outputs)
         return Step(kernel.fn, tuple(inputs), kwargs, tuple(outputs), (), label, node.op_type)
@@ -259,6 +262,8 @@ class Interpreter:
         for name, i in last.items():
             if name not in keep:
                 drops[i].append(name)
+        for i, step in enumerate(steps):  # outputs nobody reads go at once
+            drops[i].extend(n for n in step.outputs if n not in last and n not in keep)
         donations = plan_donations(steps, keep)
         result = []
         for i, (step, drop) in enumerate(zip(steps, drops)):
@@ -325,7 +330,8 @@ class Interpreter:
     def run_all(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Runs the graph and returns every value by name: initializers, feeds and
         each node output (read-only arrays may be views of one another)."""
-        return self._execute(self.check_feeds(feeds), keep_all=True)
+        values = self._execute(self.check_feeds(feeds), keep_all=True)
+        return {k: v for k, v in values.items() if not k.startswith(_UNUSED)}
 
     def execute(self, feeds: dict[str, Any], output_names: Sequence[str]) -> dict[str, np.ndarray]:
         """Runs already-checked feeds; returns `{name: array}` for `output_names`."""

@@ -320,3 +320,26 @@ def test_interpreter_is_independent_of_onnxruntime_and_onnx_reference():
     assert len(imported) > 20
     bad = [(f, m) for f, m in imported if m.startswith(forbidden)]
     assert not bad
+
+
+def test_skipped_outputs_do_not_clobber_skipped_inputs():
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(5, 2)).astype(np.float32)
+    params = [np.ones(2, np.float32), np.zeros(2, np.float32)] * 2
+    names = ["scale", "bias", "mean", "var"]
+    model = _model(
+        [
+            helper.make_node("BatchNormalization", ["x", *names], ["y", "", "", "saved_mean", ""]),
+            helper.make_node("Clip", ["y", "", "high"], ["z"]),  # min left out
+        ],
+        [_float("x", [5, 2])],
+        [_float("z", [5, 2]), _float("saved_mean", [2])],
+        [tensor(n, p) for n, p in zip(names, params)] + [tensor("high", np.float32(0.5))],
+        opset=13,
+    )
+    interpreter = Interpreter(model)
+    z, saved_mean = interpreter.run({"x": x})
+    y = (x - x.mean(axis=0)) / np.sqrt(x.var(axis=0) + 1e-5)
+    np.testing.assert_allclose(z, np.minimum(y, 0.5), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(saved_mean, x.mean(axis=0), rtol=1e-6)
+    assert set(interpreter.run_all({"x": x})) == {"x", "y", "z", "saved_mean", "high", *names}
