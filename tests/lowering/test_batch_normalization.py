@@ -1,0 +1,306 @@
+"""BatchNormalization lowering: onnxruntime vs a float64 oracle vs the eager layer.
+
+The case table covers mode (inference / training / masked / frozen) x axis
+(first / middle / last / negative) x rank 2-5 x dtype (float32 / float16 /
+bfloat16 / float64) x center/scale x opset {15, 18, newest}. CI runs a pairwise
+selection that holds every pair of values at least once; the full cross product
+runs with `ONNXBN_FULL=1 pytest -m slow`.
+
+Expected values come from `oracle` below, written from the seed's formulas in
+float64 (Keras's masked moments: the mask expanded at the last axis, sums divided
+by `count + 1e-7`), independent of onnxbn's own NumPy function.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import warnings
+
+import ml_dtypes
+import numpy as np
+import onnx
+import pytest
+
+import onnxbn
+from onnxbn import layers
+from onnxbn.export import DEFAULT_OPSET, MIN_OPSET, export_onnx, newest_opset
+from onnxbn.runtime import Session
+
+SEED = 20240611
+KERAS_EPSILON = 1e-7  # keras.backend.epsilon(), added to masked counts
+FULL = os.environ.get("ONNXBN_FULL") == "1"
+
+# (rtol, atol) of a result against float64, by the dtype it is delivered in:
+# float32 math in onnxruntime (a few ulps of the output's scale, which reaches
+# ~1e1), plus one rounding to the delivered half type.
+TOLERANCES = {
+    "float64": (1e-9, 1e-9),
+    "float32": (2e-5, 2e-5),
+    "float16": (4e-3, 4e-3),
+    "bfloat16": (3.2e-2, 3.2e-2),
+}
+HALF = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+SHAPES = {2: (6, 5), 3: (3, 4, 5), 4: (2, 3, 4, 5), 5: (2, 3, 2, 3, 4)}
+AXES = {"first": 0, "middle": None, "last": -1, "negative": -2}
+AFFINE = {"both": (True, True), "center": (True, False), "scale": (False, True),
+          "none": (False, False)}  # fmt: skip
+OPSETS = sorted({MIN_OPSET, DEFAULT_OPSET, newest_opset()})
+MODES = ["inference", "training", "masked", "frozen"]
+DTYPES = ["float32", "float16", "bfloat16", "float64"]
+
+
+# -- the oracle --------------------------------------------------------------------
+def oracle(x, *, axis, gamma, beta, mean, var, momentum, epsilon, training, mask=None):
+    """`(y, new_moving_mean, new_moving_variance)` in float64, from the formulas.
+
+    y = gamma * (x - m) / sqrt(v + epsilon) + beta, with (m, v) the batch mean and
+    population variance in training (masked: Keras's `count + 1e-7` sums over the
+    positions where the mask, expanded at the last axis, is non-zero), the moving
+    statistics otherwise; moving = moving * momentum + batch * (1 - momentum). An
+    empty unmasked batch leaves the moving statistics as they are.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    axis %= x.ndim
+    channels = x.shape[axis]
+    bshape = [1] * x.ndim
+    bshape[axis] = channels
+    reduce_axes = tuple(a for a in range(x.ndim) if a != axis)
+    mean = np.asarray(mean, np.float64)
+    var = np.asarray(var, np.float64)
+    new_mean, new_var = mean, var
+    if training:
+        if mask is None:
+            if x.size == 0:
+                m, v = mean, var
+            else:
+                m = x.sum(axis=reduce_axes) / (x.size / channels)
+                v = ((x - m.reshape(bshape)) ** 2).sum(axis=reduce_axes) / (x.size / channels)
+                new_mean = mean * momentum + m * (1 - momentum)
+                new_var = var * momentum + v * (1 - momentum)
+        else:
+            valid = np.broadcast_to(np.expand_dims(np.asarray(mask) != 0, -1), x.shape)
+            count = valid.sum(axis=reduce_axes).astype(np.float64)
+            m = np.where(valid, x, 0.0).sum(axis=reduce_axes) / (count + KERAS_EPSILON)
+            dev = np.where(valid, x - m.reshape(bshape), 0.0)
+            v = (dev**2).sum(axis=reduce_axes) / (count + KERAS_EPSILON)
+            new_mean = mean * momentum + m * (1 - momentum)
+            new_var = var * momentum + v * (1 - momentum)
+    else:
+        m, v = mean, var
+    g = np.ones(channels) if gamma is None else np.asarray(gamma, np.float64)
+    b = np.zeros(channels) if beta is None else np.asarray(beta, np.float64)
+    y = (x - m.reshape(bshape)) / np.sqrt(v.reshape(bshape) + epsilon)
+    return g.reshape(bshape) * y + b.reshape(bshape), new_mean, new_var
+
+
+def assert_close(actual, expected, dtype, what):
+    rtol, atol = TOLERANCES[dtype]
+    actual = np.asarray(actual).astype(np.float64)
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, equal_nan=True, err_msg=what)
+
+
+# -- building a case ---------------------------------------------------------------
+def resolve_axis(kind: str, rank: int) -> int:
+    return rank // 2 if kind == "middle" else AXES[kind]
+
+
+def build(shape, axis, *, mode, dtype="float32", affine=(True, True), input_dtype=None,
+          mask_dtype="bool", rng=None, momentum=0.9, epsilon=1e-3, name="bn"):  # fmt: skip
+    """A model Input -> BatchNormalization(call as `mode`) with seeded weights."""
+    onnxbn.reset_names()
+    rng = rng or np.random.default_rng(SEED)
+    rank = len(shape)
+    fixed = axis % rank == 0  # the channel is the batch axis: fix the batch size
+    batch = shape[0] if fixed else None
+    x = onnxbn.Input(shape[1:], batch_size=batch, dtype=input_dtype or dtype, name="x")
+    inputs, kwargs = [x], {}
+    if mode == "masked":
+        mask = onnxbn.Input(shape[1:-1], batch_size=batch, dtype=mask_dtype, name="mask")
+        inputs.append(mask)
+        kwargs["mask"] = mask
+    center, scale = affine
+    bn = layers.BatchNormalization(
+        axis=axis, momentum=momentum, epsilon=epsilon, center=center, scale=scale,
+        dtype=dtype, name=name,
+    )  # fmt: skip
+    y = bn(x, training=mode != "inference", **kwargs)
+    channels = shape[axis]
+    weights = []
+    if scale:
+        weights.append(rng.uniform(0.5, 1.5, channels))
+    if center:
+        weights.append(rng.normal(0.0, 1.0, channels))
+    weights += [rng.normal(0.0, 1.0, channels), rng.uniform(0.5, 2.0, channels)]
+    bn.set_weights(weights)
+    if mode == "frozen":
+        bn.trainable = False
+    return onnxbn.Model(inputs, y, name="case"), bn
+
+
+def sample(shape, axis, dtype, rng, *, masked=False, mask_dtype="bool", loc=None):
+    """Per-channel offset/scale data; masked-out positions hold NaN (floats)."""
+    channels = shape[axis]
+    bshape = [1] * len(shape)
+    bshape[axis] = channels
+    offset = rng.normal(0.0, 2.0, channels) if loc is None else np.full(channels, loc)
+    spread = rng.uniform(0.5, 2.0, channels)
+    x = offset.reshape(bshape) + spread.reshape(bshape) * rng.standard_normal(shape)
+    feeds = {}
+    mask = None
+    if masked:
+        mask = rng.random(shape[:-1]) < 0.7
+        if np.dtype(_np(dtype)).kind == "f" or dtype == "bfloat16":
+            x = np.where(np.expand_dims(mask, -1), x, np.nan)
+        feeds["mask"] = mask.astype(_np(mask_dtype))
+    feeds["x"] = x.astype(_np(dtype))
+    return feeds, mask
+
+
+def _np(dtype):
+    return HALF.get(dtype, dtype)
+
+
+def eager(model, layer, feeds, training):
+    """The eager model's output and the layer's moving statistics after the call."""
+    saved = layer.get_weights()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # NaN at masked positions
+        y = model(feeds, training=training)
+    stats = (layer.moving_mean.numpy(), layer.moving_variance.numpy())
+    layer.set_weights(saved)
+    return y, stats
+
+
+def strict_check(proto):
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.shape_inference.infer_shapes(proto, strict_mode=True, check_type=True)
+
+
+def seen_values(layer, feeds, compute_dtype):
+    """What the layer computes on: float inputs autocast to the compute dtype (Keras)."""
+    x = feeds["x"]
+    if x.dtype.kind == "f" or x.dtype == ml_dtypes.bfloat16:
+        x = x.astype(_np(compute_dtype))
+    return x.astype(np.float64)
+
+
+def check_structure(proto, mode):
+    types = [n.op_type for n in proto.graph.node]
+    assert "Transpose" not in types
+    assert all(n.domain in ("", "ai.onnx") for n in proto.graph.node)
+    for node in proto.graph.node:
+        if node.op_type == "BatchNormalization":
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            assert attrs["training_mode"] == 0 and len(node.output) == 1
+            assert {"epsilon", "momentum"} <= set(attrs)
+    if mode in ("inference", "frozen"):
+        assert not any(t.startswith("Reduce") or t == "MatMul" for t in types), types
+        data_ops = [t for t in types if t in ("Mul", "Add", "BatchNormalization")]
+        assert data_ops in (["BatchNormalization"], ["Mul", "Add"]), types
+    else:
+        assert "ReduceSum" in types or "MatMul" in types
+
+
+def run_case(mode, axis_kind, rank, dtype, affine_kind, opset):
+    rng = np.random.default_rng([SEED, MODES.index(mode), rank, DTYPES.index(dtype), opset])
+    shape = SHAPES[rank]
+    axis = resolve_axis(axis_kind, rank)
+    model, bn = build(shape, axis, mode=mode, dtype=dtype, affine=AFFINE[affine_kind], rng=rng)
+    training = mode != "inference"
+    proto = export_onnx(model, training=training, opset=opset)
+    strict_check(proto)
+    check_structure(proto, mode)
+    state_names = [i.name for i in proto.graph.input[len(model.inputs) :]]
+    updates = mode in ("training", "masked")
+    assert state_names == (["bn/moving_mean", "bn/moving_variance"] if updates else [])
+    feeds, mask = sample(shape, axis, dtype, rng, masked=mode == "masked")
+    session = Session(proto, providers=["CPUExecutionProvider"])
+    (y,) = session.run(feeds)
+    assert y.dtype == np.dtype(_np(bn.compute_dtype)) and y.shape == shape
+    expected, new_mean, new_var = oracle(
+        seen_values(bn, feeds, bn.compute_dtype), axis=axis,
+        gamma=None if bn.gamma is None else bn.gamma.value,
+        beta=None if bn.beta is None else bn.beta.value,
+        mean=bn.moving_mean.value, var=bn.moving_variance.value,
+        momentum=bn.momentum, epsilon=bn.epsilon, training=updates, mask=mask,
+    )  # fmt: skip
+    what = f"{mode} axis={axis} rank={rank} {dtype} {affine_kind} opset={opset}"
+    assert_close(y, expected, bn.compute_dtype, what + ": output vs oracle")
+    y_eager, (eager_mean, eager_var) = eager(model, bn, feeds, training)
+    assert_close(y, y_eager.astype(np.float64), bn.compute_dtype, what + ": output vs eager")
+    if updates:
+        state = session.state
+        for got, want, eager_value in (
+            (state["bn/moving_mean"], new_mean, eager_mean),
+            (state["bn/moving_variance"], new_var, eager_var),
+        ):
+            assert got.dtype == np.dtype(_np(bn.variable_dtype))
+            assert_close(got, want, bn.variable_dtype, what + ": state vs oracle")
+            assert_close(got, eager_value.astype(np.float64), bn.variable_dtype, what + ": state")
+
+
+# -- the case table ------------------------------------------------------------------
+DIMENSIONS = {
+    "mode": MODES,
+    "axis": list(AXES),
+    "rank": list(SHAPES),
+    "dtype": DTYPES,
+    "affine": list(AFFINE),
+    "opset": OPSETS,
+}
+
+
+def valid(case: dict) -> bool:
+    return not (case.get("axis") == "middle" and case.get("rank", 3) < 3)
+
+
+def pairwise(dimensions: dict) -> list[tuple]:
+    """A deterministic greedy selection holding every valid pair of values once or more."""
+    names = list(dimensions)
+    every = [dict(zip(names, values)) for values in itertools.product(*dimensions.values())]
+    every = [c for c in every if valid(c)]
+
+    def pairs(case):
+        return {(a, case[a], b, case[b]) for a, b in itertools.combinations(names, 2)}
+
+    uncovered = set().union(*(pairs(c) for c in every))
+    chosen = []
+    while uncovered:
+        best = max(every, key=lambda c: len(pairs(c) & uncovered))
+        uncovered -= pairs(best)
+        chosen.append(tuple(best[n] for n in names))
+    return chosen
+
+
+PAIRWISE = pairwise(DIMENSIONS)
+EVERY = [
+    c
+    for c in itertools.product(*DIMENSIONS.values())
+    if valid(dict(zip(DIMENSIONS, c))) and c not in PAIRWISE
+]
+
+
+def test_pairwise_selection_covers_every_value_pair():
+    names = list(DIMENSIONS)
+    for (i, a), (j, b) in itertools.combinations(enumerate(names), 2):
+        for va, vb in itertools.product(DIMENSIONS[a], DIMENSIONS[b]):
+            if valid({a: va, b: vb}):
+                assert any(c[i] == va and c[j] == vb for c in PAIRWISE), (a, va, b, vb)
+
+
+@pytest.mark.parametrize("mode,axis_kind,rank,dtype,affine_kind,opset", PAIRWISE)
+def test_case_table(mode, axis_kind, rank, dtype, affine_kind, opset):
+    run_case(mode, axis_kind, rank, dtype, affine_kind, opset)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FULL, reason="full sweep of the case table: set ONNXBN_FULL=1")
+def test_case_table_full_sweep():
+    failures = []
+    for case in EVERY:
+        try:
+            run_case(*case)
+        except AssertionError as error:
+            failures.append(f"{case}: {str(error).splitlines()[0]}")
+    assert not failures, f"{len(failures)} of {len(EVERY)} cases failed:\n" + "\n".join(failures)
