@@ -139,14 +139,17 @@ def identity_add_chain(shape: tuple[int, ...], count: int) -> onnx.ModelProto:
     return _model(nodes, [_value("x", shape)], [_value(previous, shape)], [one], "chain")
 
 
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def median_seconds(fns: list[Callable[[], object]], repeats: int) -> list[float]:
+    """Median wall time of each function, runs interleaved so load changes hit all alike."""
+    for fn in fns:
+        fn()  # warm-up
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, bucket in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            bucket.append(time.perf_counter() - start)
+    return [statistics.median(bucket) for bucket in times]
 
 
 def compare(
@@ -159,10 +162,10 @@ def compare(
     want = theirs.run(None, feeds)
     for name, a, b in zip(ours.output_names, got, want):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=f"output {name!r}")
-    return (
-        median_seconds(lambda: ours.run(feeds), repeats),
-        median_seconds(lambda: theirs.run(None, feeds), repeats),
+    ours_s, theirs_s = median_seconds(
+        [lambda: ours.run(feeds), lambda: theirs.run(None, feeds)], repeats
     )
+    return ours_s, theirs_s
 
 
 def random_feeds(model: onnx.ModelProto, dim: int, rng: np.random.Generator) -> dict:
