@@ -1,0 +1,2 @@
+Bbn_features/moving_mean/newJA·¿AdÂ¾
+W#>óõ¾

@@ -1,0 +1,1 @@
+Bbn_features/moving_variance/newJ ÃŞ?öíË?ö@Â_¤?

@@ -1,0 +1,1 @@
+Bbn_steps/moving_variance/newJÎ¦Ã?ªÅ?Œ’¤?tn”?ßDi?1#œ?

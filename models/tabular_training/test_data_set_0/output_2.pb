@@ -1,0 +1,2 @@
+
+Bbn_input/moving_variance/newJ(l‡@WjÆ?½–ñ?¶aØ?¹Òó?¸^V?ÀÔ?”Úª?d¯?)Î–?
