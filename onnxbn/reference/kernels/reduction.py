@@ -1,4 +1,5 @@
-"""Reductions: ReduceMean, ReduceSum, ReduceSumSquare, ReduceProd, ReduceMax, ReduceMin, ReduceL2.
+"""Reductions: ReduceMean, ReduceSum, ReduceSumSquare, ReduceProd, ReduceMax, ReduceMin, ReduceL2,
+ArgMax and ArgMin.
 
 `axes` is an attribute before the op's move to an input (opset 13 for
 ReduceSum, 18 for the others). No axes reduces every axis, unless
@@ -136,3 +137,42 @@ for _op in _HOW:
     _moved = 13 if _op == "ReduceSum" else 18
     kernel(_op, 1)(_with_attribute_axes(_op))
     kernel(_op, _moved)(_with_input_axes(_op))
+
+
+def _arg_extreme(
+    fn, data: np.ndarray, axis: int, keepdims: int, select_last_index: int, op: str
+) -> tuple[np.ndarray]:
+    axis = normalize_axes([axis], max(data.ndim, 1), f"{op} axis")[0]
+    if data.shape[axis] == 0:
+        raise ValueError(f"{op} over an empty axis {axis} (shape {data.shape}) has no answer.")
+    if select_last_index:
+        # The last extreme is the first one of the reversed axis.
+        flipped = fn(np.flip(data, axis=axis), axis=axis, keepdims=bool(keepdims))
+        index = data.shape[axis] - 1 - flipped
+    else:
+        index = fn(data, axis=axis, keepdims=bool(keepdims))
+    return (as_array(index, np.dtype(np.int64)),)
+
+
+@kernel("ArgMax", 1)
+def arg_max_1(data: np.ndarray, *, axis: int = 0, keepdims: int = 1) -> tuple[np.ndarray]:
+    return _arg_extreme(np.argmax, data, axis, keepdims, 0, "ArgMax")
+
+
+@kernel("ArgMax", 12)
+def arg_max_12(
+    data: np.ndarray, *, axis: int = 0, keepdims: int = 1, select_last_index: int = 0
+) -> tuple[np.ndarray]:
+    return _arg_extreme(np.argmax, data, axis, keepdims, select_last_index, "ArgMax")
+
+
+@kernel("ArgMin", 1)
+def arg_min_1(data: np.ndarray, *, axis: int = 0, keepdims: int = 1) -> tuple[np.ndarray]:
+    return _arg_extreme(np.argmin, data, axis, keepdims, 0, "ArgMin")
+
+
+@kernel("ArgMin", 12)
+def arg_min_12(
+    data: np.ndarray, *, axis: int = 0, keepdims: int = 1, select_last_index: int = 0
+) -> tuple[np.ndarray]:
+    return _arg_extreme(np.argmin, data, axis, keepdims, select_last_index, "ArgMin")
