@@ -89,8 +89,10 @@ def _safe_mean(ctx, total: Value, count: Value) -> Value:
     return ctx.op("Div", [total, ctx.op("Max", [count, one])], label="shift")
 
 
-def _zeroed(ctx, valid: Value, x: Value, label: str) -> Value:
-    zero = emit.scalar(ctx, 0.0, x.dtype, "zero")
+def _zeroed(ctx, valid: Value, x: Value, label: str, rank: int) -> Value:
+    # A zero of x's rank: onnxruntime's broadcast of a rank-0 operand against a
+    # tensor whose last dim is 1 takes a per-element path, ~50x slower.
+    zero = ctx.constant(np.zeros([1] * rank), "zero", x.dtype)
     return ctx.op("Where", [valid, x, zero], dtype=x.dtype, shape=x.shape, label=label)
 
 
@@ -144,7 +146,7 @@ def _sums_channel_last(ctx: LoweringContext, x: Value, valid: Value | None):
         valid_col = emit.reshape(ctx, valid, [rows, 1], "valid_col")
         head_valid = ctx.op("Slice", [valid_col, start, end, axis0], label="head_valid")
         total = emit.reduce(
-            ctx, "ReduceSum", _zeroed(ctx, head_valid, head, "head"), [0], keepdims=False
+            ctx, "ReduceSum", _zeroed(ctx, head_valid, head, "head", 2), [0], keepdims=False
         )
         taken = emit.reduce(
             ctx, "ReduceSum", emit.cast(ctx, head_valid, dtype), [0], keepdims=False
@@ -153,7 +155,7 @@ def _sums_channel_last(ctx: LoweringContext, x: Value, valid: Value | None):
     d = ctx.op("Sub", [x, shift], label="shifted", shape=x.shape)
     if valid is not None:
         valid_e = ctx.op("Unsqueeze", [valid, emit.ints(ctx, [-1], "axes")], dtype="bool")
-        d_valid = _zeroed(ctx, valid_e, d, "kept")
+        d_valid = _zeroed(ctx, valid_e, d, "kept", x.rank)
     else:
         d_valid = d
     ones = emit.constant_of_shape(ctx, row_count, 1.0, dtype)
@@ -184,7 +186,7 @@ def _sums_channel_inner(ctx: LoweringContext, x: Value, axis: int, valid: Value 
         )  # fmt: skip
         taken = emit.reduce(ctx, "ReduceSum", emit.cast(ctx, valid, dtype), axes, keepdims=True)
         total = emit.reduce(
-            ctx, "ReduceSum", _zeroed(ctx, valid, head, "head"), axes, keepdims=True
+            ctx, "ReduceSum", _zeroed(ctx, valid, head, "head", x.rank), axes, keepdims=True
         )
         shift = _safe_mean(ctx, total, taken)
         width = x.shape[last]
@@ -228,7 +230,7 @@ def _inner_sum(ctx, op_type: str, x: Value, axis: int, valid: Value | None, labe
     first = [x.rank - 1] if valid is not None else list(range(axis + 1, x.rank))
     partial = emit.reduce(ctx, op_type, x, first, keepdims=valid is not None)
     if valid is not None:
-        partial = _zeroed(ctx, valid, partial, "kept")
+        partial = _zeroed(ctx, valid, partial, "kept", x.rank)
         rest = [a for a in range(x.rank) if a != axis]
     else:
         rest = list(range(axis))
