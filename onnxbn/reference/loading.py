@@ -78,7 +78,7 @@ def load_model(
             proto = onnx.load(path, load_external_data=False)
         except OSError:
             raise
-        except _DECODE_ERRORS as error:
+        except Exception as error:  # protobuf/JSON/text parse errors of any class
             raise ValueError(f"Could not decode the ONNX model {path!r}: {error}") from None
         return proto, os.path.dirname(os.path.abspath(path))
     raise TypeError(

@@ -292,3 +292,18 @@ def test_cast_to_float8_is_not_implemented():
 
     with pytest.raises(NotImplementedError, match="FLOAT8E4M3FN"):
         run_node("Cast", [np.ones(2, np.float32)], 1, 19, to=TensorProto.FLOAT8E4M3FN)
+
+
+@pytest.mark.parametrize(
+    "a_shape, b_shape",
+    [((1, 2**20), (2**20, 3)), ((2**18,), (2**18,)), ((2, 3, 5000), (2, 5000, 4))],
+)
+def test_float32_matmul_accumulates_long_products_accurately(a_shape, b_shape):
+    rng = np.random.default_rng(14)
+    a = (3 + rng.standard_normal(a_shape)).astype(np.float32)
+    b = (3 + rng.standard_normal(b_shape)).astype(np.float32)
+    (got,) = run_node("MatMul", [a, b], 1, 13)
+    expected = np.matmul(a.astype(np.float64), b.astype(np.float64))
+    assert got.dtype == np.float32 and got.shape == expected.shape
+    # All terms positive: the float64 sum rounded to float32 is within ~1 ulp.
+    np.testing.assert_allclose(got, expected, rtol=3e-7, atol=0)

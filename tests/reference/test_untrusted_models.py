@@ -251,3 +251,17 @@ def test_session_applies_the_same_checks(tmp_path):
         Session(_external_model("w.bin"))
     session = Session(_external_model("w.bin"), base_dir=tmp_path)
     np.testing.assert_array_equal(session.run(_feeds())[0], WEIGHTS)
+
+
+@pytest.mark.parametrize(
+    "suffix, content",
+    [(".onnx", b"\x08\x07\x12"), (".json", b'{"keras_version": "3"}'), (".onnx", b"")],
+)
+def test_undecodable_files_are_value_errors(tmp_path, suffix, content):
+    path = tmp_path / f"bad{suffix}"
+    path.write_bytes(content)
+    # A decode error; an empty file decodes to an empty model, which has no opset.
+    with pytest.raises(ValueError, match="Could not decode|imports no opset"):
+        Interpreter(str(path))
+    with pytest.raises(FileNotFoundError):
+        Interpreter(str(tmp_path / "missing.onnx"))

@@ -37,16 +37,54 @@ def _matmul_shape(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
     return shape
 
 
+# A float32 BLAS product sums each output over K in a few SIMD lanes, so its
+# error grows with K (about 5e-4 relative for K = 2**25). Long products are
+# split into chunks of at least _CHUNK along K, each an accurate float32 BLAS
+# product, and the partial results are summed pairwise in float64. The
+# partials are kept under _PARTIAL_ELEMENTS elements.
+_CHUNK = 4096
+_PARTIAL_ELEMENTS = 1 << 22
+
+
+def _chunked_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """`a @ b` for 2-D-or-more float32 operands, accumulated over K in float64."""
+    k = a.shape[-1]
+    out_elements = math.prod(_matmul_shape(a.shape, b.shape))
+    chunk = max(_CHUNK, -(-k // max(1, _PARTIAL_ELEMENTS // max(out_elements, 1))))
+    if chunk >= k:
+        return np.matmul(a, b)
+    blocks, main = k // chunk, (k // chunk) * chunk
+    a_blocks = np.moveaxis(a[..., :main].reshape(*a.shape[:-1], blocks, chunk), -2, 0)
+    b_blocks = np.moveaxis(
+        b[..., :main, :].reshape(*b.shape[:-2], blocks, chunk, b.shape[-1]), -3, 0
+    )
+    total = np.add.reduce(np.matmul(a_blocks, b_blocks), axis=0, dtype=np.float64)
+    if main < k:
+        total += np.matmul(a[..., main:], b[..., main:, :])
+    return total.astype(a.dtype)
+
+
 def _matmul(a: np.ndarray, b: np.ndarray, what: str) -> np.ndarray:
     if a.ndim == 0 or b.ndim == 0:
         raise ValueError(f"{what}: inputs must have rank >= 1, received {a.shape} and {b.shape}.")
     # The product of the input sizes bounds the output; compute it exactly only past the cap.
     if 16 * max(a.size, 1) * max(b.size, 1) > max_bytes():
         check_allocation(f"{what} output", _matmul_shape(a.shape, b.shape), a.dtype)
+    _matmul_shape(a.shape, b.shape)  # a clear error for shapes that do not align
     work = compute_dtype(a.dtype)
-    if work != a.dtype:
-        return np.matmul(a.astype(work), b.astype(work)).astype(a.dtype)
-    return np.matmul(a, b)
+    x, y = a.astype(work, copy=False), b.astype(work, copy=False)
+    if work != np.float32 or a.shape[-1] <= _CHUNK:
+        result = np.matmul(x, y)
+    else:
+        # 1-D operands become matrices (NumPy's matmul rule) and lose that axis after.
+        x2 = x[None, :] if x.ndim == 1 else x
+        y2 = y[:, None] if y.ndim == 1 else y
+        result = _chunked_matmul(x2, y2)
+        if y.ndim == 1:
+            result = result[..., 0]
+        if x.ndim == 1:
+            result = result[..., 0, :] if y.ndim > 1 else result[..., 0]
+    return result.astype(a.dtype, copy=False)
 
 
 @kernel("MatMul", 1)
