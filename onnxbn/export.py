@@ -104,16 +104,22 @@ def newest_opset() -> int:
     """
     import onnxruntime
 
-    for opset in range(onnx.defs.onnx_opset_version(), MIN_OPSET, -1):
+    from onnxbn.runtime import ORT_ERRORS
+
+    newest = onnx.defs.onnx_opset_version()
+    for opset in range(newest, MIN_OPSET - 1, -1):
+        probe = _export(_probe_model(), None, opset).SerializeToString()
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3
         try:
-            probe = _export(_probe_model(), None, opset).SerializeToString()
-            options = onnxruntime.SessionOptions()
-            options.log_severity_level = 3
             onnxruntime.InferenceSession(probe, options, providers=["CPUExecutionProvider"])
-        except Exception:  # noqa: BLE001 - any refusal means: not this opset
-            continue
+        except ORT_ERRORS:
+            continue  # onnxruntime lacks a kernel or the opset: try an older one
         return opset
-    return MIN_OPSET
+    raise ValueError(
+        f"The installed onnxruntime loads none of opsets {MIN_OPSET} to {newest} for "
+        "onnxbn's ops; install onnxruntime >= 1.20."
+    )
 
 
 def check_opset(opset: Any) -> int:
@@ -233,7 +239,7 @@ def _export(model_or_layer: Any, training: bool | None, opset: int) -> onnx.Mode
             values[id(tensor)] = _name_output(ctx, value, tensor)
     graph_outputs = _graph_outputs(ctx, outputs, values)
     graph_outputs += ctx.state_outputs()
-    used = {name for node in ctx.nodes for name in node.input} | set(ctx.state)
+    used = _names_read(ctx.nodes) | set(ctx.state)
     ctx.initializers[:] = [t for t in ctx.initializers if t.name in used]
     graph = helper.make_graph(ctx.nodes, name, ctx.inputs, graph_outputs, ctx.initializers)
     opset_ids = [helper.make_opsetid("", opset)]
@@ -248,6 +254,17 @@ def _export(model_or_layer: Any, training: bool | None, opset: int) -> onnx.Mode
     _set_output_shapes(model, outputs)
     _set_metadata(model, nodes, training, ctx)
     return model
+
+
+def _names_read(nodes) -> set[str]:
+    """Every name a node reads, subgraphs (If branches) included."""
+    names = set()
+    for node in nodes:
+        names.update(node.input)
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                names |= _names_read(attribute.g.node)
+    return names
 
 
 def _name_output(ctx: LoweringContext, value: Value, tensor: SymbolicTensor) -> Value:

@@ -140,8 +140,8 @@ class LoweringContext:
         shape: tuple[int | None, ...] | None = None,
         outputs: int = 1,
         **attributes: Any,
-    ) -> Value:
-        """Appends one node and returns its (first) output.
+    ) -> Any:
+        """Appends one node and returns its output (a tuple when `outputs > 1`).
 
         Every attribute the schema of `op_type` gives a default at this opset
         and that is not passed is written with that default.
@@ -152,7 +152,7 @@ class LoweringContext:
             label: output name label (default: the op type).
             dtype: output dtype (default: the first input's).
             shape: output static shape, if the rule knows it.
-            outputs: number of node outputs (only the first is returned).
+            outputs: number of node outputs, all of `dtype` and `shape`.
             **attributes: node attributes.
         """
         names = ["" if v is None else (v if isinstance(v, str) else v.name) for v in inputs]
@@ -171,7 +171,8 @@ class LoweringContext:
             if first is None:
                 raise ValueError(f"{op_type}: the output dtype must be given.")
             dtype = first.dtype
-        return Value(out_names[0], dtype, shape)
+        values = tuple(Value(name, dtype, shape) for name in out_names)
+        return values[0] if outputs == 1 else values
 
     def _with_defaults(self, op_type: str, attributes: dict[str, Any]) -> dict[str, Any]:
         schema = onnx.defs.get_schema(op_type, self.opset)
@@ -186,6 +187,30 @@ class LoweringContext:
             if name not in full and attr.default_value.type != onnx.AttributeProto.UNDEFINED:
                 full[name] = helper.get_attribute_value(attr.default_value)
         return full
+
+    @contextlib.contextmanager
+    def branch(self) -> Iterator[list[onnx.NodeProto]]:
+        """Nodes created inside go to the yielded list (the body of an If branch).
+
+        Constants still become initializers of the main graph, which subgraphs
+        may read, like any outer-scope value.
+        """
+        outer = self.nodes
+        self.nodes = []
+        try:
+            yield self.nodes
+        finally:
+            self.nodes = outer
+
+    def branch_graph(
+        self, nodes: list[onnx.NodeProto], outputs: Sequence[Value], label: str
+    ) -> onnx.GraphProto:
+        """A subgraph of `nodes` returning `outputs` (each with a static shape)."""
+        infos = [
+            helper.make_tensor_value_info(v.name, onnx_dtype(v.dtype), list(v.shape))
+            for v in outputs
+        ]
+        return helper.make_graph(nodes, self.fresh(label), [], infos)
 
     # -- state ----------------------------------------------------------------
     def trainings(self, op: Any) -> list[bool]:

@@ -153,19 +153,68 @@ def _sums_channel_last(ctx: LoweringContext, x: Value, valid: Value | None):
         )
         shift = _safe_mean(ctx, total, taken)
     d = ctx.op("Sub", [x, shift], label="shifted", shape=x.shape)
-    if valid is not None:
-        valid_e = ctx.op("Unsqueeze", [valid, emit.ints(ctx, [-1], "axes")], dtype="bool")
-        d_valid = _zeroed(ctx, valid_e, d, "kept", x.rank)
-    else:
-        d_valid = d
     ones = emit.constant_of_shape(ctx, row_count, 1.0, dtype)
-    squares = ctx.op("Mul", [d_valid, d_valid], label="squares", shape=x.shape)
-    if x.rank > 2:
-        d_valid = emit.reshape(ctx, d_valid, [rows, channels], "kept_rows")
-        squares = emit.reshape(ctx, squares, [rows, channels], "square_rows")
-    s1 = ctx.op("MatMul", [ones, d_valid], label="sum", shape=(channels,))
-    s2 = ctx.op("MatMul", [ones, squares], label="sum_sq", shape=(channels,))
+    squares = ctx.op("Mul", [d, d], label="squares", shape=x.shape)
+    d2 = d if x.rank == 2 else emit.reshape(ctx, d, [rows, channels], "shifted_rows")
+    squares2 = squares if x.rank == 2 else emit.reshape(ctx, squares, [rows, channels], "sq_rows")
+    if valid is None:
+        s1 = ctx.op("MatMul", [ones, d2], label="sum", shape=(channels,))
+        s2 = ctx.op("MatMul", [ones, squares2], label="sum_sq", shape=(channels,))
+        return d, shift, s1, s2, n
+    s1, s2 = _masked_row_sums(ctx, x, d, d2, squares2, valid, flat, ones)
     return d, shift, s1, s2, n
+
+
+def _masked_row_sums(ctx, x, d, d2, squares2, valid, flat, ones) -> tuple[Value, Value]:
+    """Σ valid d and Σ valid d² over rows, without a Where over the data when possible.
+
+    Fast path: the mask as a 0/1 row vector in the MatMul. Finite data at
+    masked-out rows contributes exactly 0, but NaN or Inf there would leak
+    (0 * NaN = NaN), and then the sums are not finite. Only in that case an If
+    recomputes them from `Where(valid, d, 0)` (onnxruntime's Where over the whole
+    data costs about two element-wise passes, so it is kept off the common path).
+    """
+    dtype, channels = x.dtype, x.shape[-1]
+    weights = emit.cast(ctx, flat, dtype, label="weights")
+    fast_s1 = ctx.op("MatMul", [weights, d2], label="sum_fast", shape=(channels,))
+    fast_s2 = ctx.op("MatMul", [weights, squares2], label="sum_sq_fast", shape=(channels,))
+    probe = emit.reduce(ctx, "ReduceSum", ctx.op("Add", [fast_s1, fast_s2]), [0], keepdims=True)
+    # x - x is 0 for a finite x and NaN for NaN or ±Inf.
+    finite = ctx.op(
+        "Equal",
+        [ctx.op("Sub", [probe, probe]), ctx.constant(np.zeros(1), "zero", dtype)],
+        dtype="bool",
+        label="finite",
+    )
+    with ctx.branch() as then_nodes:
+        then_out = [
+            ctx.op("Identity", [v], label=v.name.rsplit("/", 1)[-1], shape=(channels,))
+            for v in (fast_s1, fast_s2)
+        ]
+    with ctx.branch() as else_nodes:
+        valid_e = ctx.op("Unsqueeze", [valid, emit.ints(ctx, [-1], "axes")], dtype="bool")
+        kept = _zeroed(ctx, valid_e, d, "kept", x.rank)
+        kept2 = (
+            kept
+            if x.rank == 2
+            else emit.reshape(ctx, kept, [emit.static_product(x.shape[:-1]), channels], "kept_rows")
+        )
+        kept_sq = ctx.op("Mul", [kept2, kept2], label="kept_squares")
+        else_out = [
+            ctx.op("MatMul", [ones, kept2], label="sum_kept", shape=(channels,)),
+            ctx.op("MatMul", [ones, kept_sq], label="sum_sq_kept", shape=(channels,)),
+        ]
+    s1, s2 = ctx.op(
+        "If",
+        [finite],
+        label="sum",
+        outputs=2,
+        dtype=dtype,
+        shape=(channels,),
+        then_branch=ctx.branch_graph(then_nodes, then_out, "fast_sums"),
+        else_branch=ctx.branch_graph(else_nodes, else_out, "where_sums"),
+    )
+    return s1, s2
 
 
 def _sums_channel_inner(ctx: LoweringContext, x: Value, axis: int, valid: Value | None):

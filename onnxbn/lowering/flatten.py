@@ -1,0 +1,45 @@
+"""Flatten: one Reshape to `(batch, -1)` (semantics: `layers/flatten.py`).
+
+Float inputs are first autocast to the compute dtype; other dtypes pass as
+they are. `channels_first` moves the channel axis last first (one Transpose),
+so the element order is that of the channels-last layout, as in Keras.
+"""
+
+from __future__ import annotations
+
+from onnxbn.layers.flatten import Flatten
+from onnxbn.lowering import emit
+from onnxbn.lowering.activation import autocast
+from onnxbn.lowering.context import LoweringContext, Value
+from onnxbn.lowering.registry import register_lowering
+
+
+@register_lowering(Flatten)
+def lower_flatten(ctx: LoweringContext, op: Flatten, x: Value) -> Value:
+    """Lowers one call of a Flatten layer.
+
+    Args:
+        ctx: the lowering context.
+        op: the layer.
+        x: its input, of rank >= 1.
+
+    Returns:
+        `(batch, prod(other dims))`, in the compute dtype for float inputs.
+    """
+    shape = op.compute_output_shape(x.shape)
+    h = autocast(ctx, op, x)
+    if op.data_format == "channels_first" and h.rank > 2:
+        perm = [0] + list(range(2, h.rank)) + [1]
+        h = ctx.op("Transpose", [h], label="channels_last", perm=perm)
+    flat = shape[1]
+    if flat == 0:
+        # An empty row: 0 must mean 0 (allowzero), so the batch dim comes from Shape.
+        batch = emit.shape_of(ctx, h, 0, 1)
+        target = emit.concat_ints(ctx, [batch, emit.ints(ctx, [0], "empty")], "shape")
+        return ctx.op("Reshape", [h, target], label="Reshape", shape=shape, allowzero=1)
+    # Reshape's 0 copies the batch dim, so a dynamic (even empty) batch needs no Shape op;
+    # -1 cannot stand for the rest when the batch may be empty, so a static size is used.
+    target = [0, flat] if flat is not None else [0, -1]
+    return ctx.op(
+        "Reshape", [h, emit.ints(ctx, target, "shape")], label="Reshape", shape=shape, allowzero=0
+    )
