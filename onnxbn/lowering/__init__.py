@@ -5,7 +5,20 @@ before `onnxbn.export_onnx` looks one up. Adding an op = one module here with
 the same file name as its layer module, imported below.
 """
 
-from onnxbn.lowering import batch_normalization, input_layer  # noqa: F401 - registers rules
+from onnxbn.lowering import (  # noqa: F401 - registers rules  # noqa: F401 - registers rules
+    activation,
+    add,
+    batch_normalization,
+    conv,
+    dense,
+    dropout,
+    embedding,
+    flatten,
+    global_average_pooling,
+    input_layer,
+    masking,
+    numpy_ops,
+)
 from onnxbn.lowering.context import LoweringContext, Value
 from onnxbn.lowering.registry import LOWERING_RULES, lookup_lowering, register_lowering
 
