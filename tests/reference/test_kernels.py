@@ -307,3 +307,25 @@ def test_float32_matmul_accumulates_long_products_accurately(a_shape, b_shape):
     assert got.dtype == np.float32 and got.shape == expected.shape
     # All terms positive: the float64 sum rounded to float32 is within ~1 ulp.
     np.testing.assert_allclose(got, expected, rtol=3e-7, atol=0)
+
+
+@pytest.mark.parametrize("op", ["ReduceMean", "ReduceSum", "ReduceSumSquare", "BatchNormalization"])
+def test_float32_statistics_over_millions_of_rows_do_not_drift(op):
+    # NumPy adds the rows of an outer-axis reduction one by one; in float32 a
+    # sum of 2**22 values near 3 is off by about 1e-3. The kernels accumulate in float64.
+    rng = np.random.default_rng(15)
+    x = (3 + rng.standard_normal((2**22, 2), dtype=np.float32)).astype(np.float32)
+    exact = x.astype(np.float64)
+    if op == "BatchNormalization":
+        c = np.ones(2, np.float32), np.zeros(2, np.float32)
+        outputs = run_node(op, [x, *c, *c], 3, 15, training_mode=1, momentum=0.0)
+        got = np.stack([outputs[1], outputs[2]])
+        expected = np.stack([exact.mean(axis=0), exact.var(axis=0)])
+    else:
+        (got,) = run_node(op, [x, np.array([0], np.int64)], 1, 18, keepdims=0)
+        expected = {
+            "ReduceMean": exact.mean(axis=0),
+            "ReduceSum": exact.sum(axis=0),
+            "ReduceSumSquare": (exact**2).sum(axis=0),
+        }[op]
+    np.testing.assert_allclose(got, expected, rtol=3e-7, atol=0)

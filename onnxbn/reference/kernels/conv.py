@@ -12,7 +12,12 @@ from collections.abc import Sequence
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from onnxbn.reference.kernels.precision import as_array, compute_dtype
+from onnxbn.reference.kernels.precision import (
+    accumulation_dtype,
+    as_array,
+    compute_dtype,
+    is_float,
+)
 from onnxbn.reference.kernels.table import kernel
 from onnxbn.reference.limits import check_allocation
 
@@ -222,7 +227,7 @@ def max_pool(
         auto_pad=auto_pad,
         ceil_mode=ceil_mode,
     )
-    lowest = -np.inf if X.dtype.kind == "f" else np.iinfo(X.dtype).min
+    lowest = -np.inf if is_float(X.dtype) else np.iinfo(X.dtype).min
     full_end = [e + x for e, x in zip(end, extra)]
     x = _pad(X, begin, full_end, lowest, "MaxPool padded input")
     s = len(out)
@@ -253,7 +258,8 @@ def global_average_pool(X: np.ndarray) -> tuple[np.ndarray]:
     if X.ndim < 3:
         raise ValueError(f"GlobalAveragePool takes X of shape (N, C, D...), received {X.shape}.")
     axes = tuple(range(2, X.ndim))
-    return (as_array(np.mean(X, axis=axes, keepdims=True, dtype=compute_dtype(X.dtype)), X.dtype),)
+    mean = np.mean(X, axis=axes, keepdims=True, dtype=accumulation_dtype(X.dtype))
+    return (as_array(mean, X.dtype),)
 
 
 @kernel("GlobalMaxPool", 1)

@@ -15,8 +15,9 @@ biased variance over every axis but 1) and returns the running statistics
   Y, running mean and running var.
 - opset 15 only widens the types: scale/B and mean/var may differ from X's.
 
-Statistics and normalization of float16/bfloat16 are computed in float32;
-Y is cast to X's type, running statistics to the type of `input_mean`.
+Batch statistics accumulate in float64; normalization of float16/bfloat16 is
+computed in float32. Y is cast to X's type, running statistics to the type of
+`input_mean`.
 """
 
 from __future__ import annotations
@@ -99,11 +100,12 @@ def _training(X, scale, B, input_mean, input_var, epsilon, momentum) -> tuple:
     _check(X, scale=scale, B=B, input_mean=input_mean, input_var=input_var)
     x = X.astype(_work_dtype(X), copy=False)
     axes = (0, *range(2, x.ndim))
-    count = x.dtype.type(x.size // x.shape[1]) if x.shape[1] else x.dtype.type(0)
-    batch_mean = np.add.reduce(x, axis=axes) / count
-    # Two passes (mean, then squared deviations): no cancellation. The
-    # deviations become Y in place, so the whole op allocates one X-sized array.
-    centered = x - batch_mean.reshape(_channel_shape(x))
+    count = np.float64(x.size // x.shape[1] if x.shape[1] else 0)
+    # Statistics accumulate in float64. Two passes (mean, then squared
+    # deviations): no cancellation. The deviations become Y in place, so the
+    # whole op allocates one X-sized array.
+    batch_mean = np.add.reduce(x, axis=axes, dtype=np.float64) / count
+    centered = x - batch_mean.astype(x.dtype).reshape(_channel_shape(x))
     batch_var = sum_of_squares(centered, axes) / count
     y = as_array(_normalize_into(centered, None, None, scale, B, batch_var, epsilon), X.dtype)
     stats = compute_dtype(input_mean.dtype) if input_mean.dtype.kind == "f" else x.dtype

@@ -1,9 +1,9 @@
 """Dtype and argument helpers shared by the kernels.
 
 float16 and bfloat16 (`ml_dtypes.bfloat16`) are computed in float32 wherever
-a kernel accumulates (reductions, statistics, matrix products) or chains
-several roundings (sigmoid, softmax), then cast back: the ONNX result type
-with at least float32 accuracy.
+a kernel chains several roundings (sigmoid, softmax, matrix products), then
+cast back: the ONNX result type with at least float32 accuracy. Sums over
+reduced axes (reductions, BatchNormalization statistics) accumulate in float64.
 """
 
 from __future__ import annotations
@@ -21,6 +21,17 @@ LOW_PRECISION = frozenset({np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)})
 def compute_dtype(dtype: np.dtype) -> np.dtype:
     """float32 for float16/bfloat16, the dtype itself otherwise."""
     return FLOAT32 if dtype in LOW_PRECISION else dtype
+
+
+def is_float(dtype: np.dtype) -> bool:
+    """Whether `dtype` is a float type (bfloat16's NumPy kind is 'V', not 'f')."""
+    return dtype.kind == "f" or dtype in LOW_PRECISION
+
+
+def accumulation_dtype(dtype: np.dtype) -> np.dtype | None:
+    """float64 for every float type (sums over millions of rows stay exact to
+    float32 precision); `None` (NumPy's default) for integers and bools."""
+    return np.dtype(np.float64) if is_float(dtype) else None
 
 
 def float_compute_dtype(dtype: np.dtype) -> np.dtype:

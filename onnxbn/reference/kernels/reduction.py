@@ -3,9 +3,11 @@ ArgMax and ArgMin.
 
 `axes` is an attribute before the op's move to an input (opset 13 for
 ReduceSum, 18 for the others). No axes reduces every axis, unless
-`noop_with_empty_axes=1`, which returns the input unchanged. float16 and
-bfloat16 accumulate in float32, integers sum in (at least) their own width and
-average in float64; the result is cast back to the input's type.
+`noop_with_empty_axes=1`, which returns the input unchanged. Float sums,
+means and products accumulate in float64 (NumPy adds outer axes one row at a
+time, so float32 accumulation over millions of rows drifts by percents);
+integers sum in (at least) their own width and average in float64. The result
+is cast back to the input's type.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 
 from onnxbn.reference.kernels.precision import (
     LOW_PRECISION,
+    accumulation_dtype,
     as_array,
     float_compute_dtype,
     int_list,
@@ -32,30 +35,25 @@ def _resolve_axes(data: np.ndarray, axes: list[int] | None, noop: int, op: str) 
     return normalize_axes(axes, data.ndim, f"{op} axis")
 
 
-def _sum_dtype(dtype: np.dtype) -> np.dtype | None:
-    return np.dtype(np.float32) if dtype in LOW_PRECISION else None
-
-
 def _sum(data: np.ndarray, axes: tuple, keepdims: bool) -> np.ndarray:
-    return np.add.reduce(data, axis=axes, dtype=_sum_dtype(data.dtype), keepdims=keepdims)
+    return np.add.reduce(data, axis=axes, dtype=accumulation_dtype(data.dtype), keepdims=keepdims)
 
 
 def _mean(data: np.ndarray, axes: tuple, keepdims: bool) -> np.ndarray:
-    dtype = float_compute_dtype(data.dtype)
-    total = np.add.reduce(data, axis=axes, dtype=dtype, keepdims=keepdims)
+    total = np.add.reduce(data, axis=axes, dtype=np.float64, keepdims=keepdims)
     count = math.prod(data.shape[a] for a in axes)
     # 0 / 0 is NaN: the mean of an empty set, as the spec's sum / count gives.
-    return np.true_divide(total, dtype.type(count))
+    return np.true_divide(total, np.float64(count))
 
 
 def sum_of_squares(x: np.ndarray, axes: tuple[int, ...], keepdims: bool = False) -> np.ndarray:
-    """Sum of x * x over `axes` without materializing x * x (einsum), in x's
-    accumulation dtype (float32 for float16/bfloat16)."""
+    """Sum of x * x over `axes`, accumulated in float64 for floats, without
+    materializing x * x (einsum)."""
     work = x.astype(np.float32) if x.dtype in LOW_PRECISION else x
     if work.dtype.kind == "f" and work.ndim <= 26:
         letters = "abcdefghijklmnopqrstuvwxyz"[: work.ndim]
         kept = "".join(letters[i] for i in range(work.ndim) if i not in axes)
-        total = np.einsum(f"{letters},{letters}->{kept}", work, work)
+        total = np.einsum(f"{letters},{letters}->{kept}", work, work, dtype=np.float64)
         if keepdims:
             total = np.reshape(total, [1 if i in axes else d for i, d in enumerate(work.shape)])
         return total
@@ -72,7 +70,8 @@ def _l2(data: np.ndarray, axes: tuple, keepdims: bool) -> np.ndarray:
 
 
 def _prod(data: np.ndarray, axes: tuple, keepdims: bool) -> np.ndarray:
-    return np.multiply.reduce(data, axis=axes, dtype=_sum_dtype(data.dtype), keepdims=keepdims)
+    dtype = accumulation_dtype(data.dtype)
+    return np.multiply.reduce(data, axis=axes, dtype=dtype, keepdims=keepdims)
 
 
 def _extreme(ufunc: np.ufunc, sign: int) -> Callable[[np.ndarray, tuple, bool], np.ndarray]:

@@ -16,6 +16,7 @@ import numpy as np
 from onnxbn.reference.kernels.precision import (
     as_array,
     int_list,
+    is_float,
     normalize_axes,
     normalize_axis,
 )
@@ -338,9 +339,9 @@ def range_27(
     s, lim, d = (np.asarray(v).reshape(()) for v in (start, limit, delta))
     if d == 0:
         raise ValueError("Range delta must be nonzero, received 0.")
-    if dtype.kind == "f" and not all(np.isfinite(v) for v in (s, lim, d)):
+    if is_float(dtype) and not all(np.isfinite(v) for v in (s, lim, d)):
         raise ValueError(f"Range needs finite start, limit and delta, received {s}, {lim}, {d}.")
-    low = dtype.kind == "f" and dtype.itemsize < 4
+    low = is_float(dtype) and dtype.itemsize < 4
     work = np.dtype(np.float32) if stash_type == 1 and low else dtype
     if dtype.kind in "iu":
         count = max(-(-(int(lim) - int(s)) // int(d)), 0)
