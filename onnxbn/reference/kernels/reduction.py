@@ -12,6 +12,7 @@ is cast back to the input's type.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -23,6 +24,7 @@ from onnxbn.reference.kernels.precision import (
     as_array,
     float_compute_dtype,
     int_list,
+    is_float,
     normalize_axes,
 )
 from onnxbn.reference.kernels.table import kernel
@@ -46,18 +48,29 @@ def _mean(data: np.ndarray, axes: tuple, keepdims: bool) -> np.ndarray:
     return np.true_divide(total, np.float64(count))
 
 
+# Elements per block of leading-axis slices: each block's squares stay in cache.
+_BLOCK_ELEMENTS = 1 << 16
+
+
 def sum_of_squares(x: np.ndarray, axes: tuple[int, ...], keepdims: bool = False) -> np.ndarray:
-    """Sum of x * x over `axes`, accumulated in float64 for floats, without
-    materializing x * x (einsum)."""
+    """Sum of x * x over `axes`, accumulated in float64 for floats.
+
+    Squares are formed block by block along axis 0, so no x-sized temporary
+    exists and each block's squares are summed while still in cache.
+    """
     work = x.astype(np.float32) if x.dtype in LOW_PRECISION else x
-    if work.dtype.kind == "f" and work.ndim <= 26:
-        letters = "abcdefghijklmnopqrstuvwxyz"[: work.ndim]
-        kept = "".join(letters[i] for i in range(work.ndim) if i not in axes)
-        total = np.einsum(f"{letters},{letters}->{kept}", work, work, dtype=np.float64)
-        if keepdims:
-            total = np.reshape(total, [1 if i in axes else d for i, d in enumerate(work.shape)])
-        return total
-    return np.add.reduce(work * work, axis=axes, keepdims=keepdims)
+    if not is_float(work.dtype) or work.ndim == 0 or not len(work):
+        return np.add.reduce(
+            work * work, axis=axes, dtype=accumulation_dtype(work.dtype), keepdims=keepdims
+        )
+    step = max(1, _BLOCK_ELEMENTS // max(work[0].size, 1))
+    parts = [
+        np.add.reduce(np.square(work[i : i + step]), axis=axes, dtype=np.float64, keepdims=keepdims)
+        for i in range(0, len(work), step)
+    ]
+    if 0 in axes:
+        return functools.reduce(np.add, parts)
+    return np.concatenate(parts, axis=0)
 
 
 def _sum_square(data: np.ndarray, axes: tuple, keepdims: bool) -> np.ndarray:
