@@ -31,8 +31,9 @@ from onnxbn.reference.loading import (
     TensorLoader,
     attribute_value,
     check_nesting,
+    check_tensor_type,
+    input_spec,
     load_model,
-    numpy_dtype,
 )
 from onnxbn.reference.reuse import donating, plan_donations
 from onnxbn.session import FeedSpec, convert_feed
@@ -118,7 +119,7 @@ class Interpreter:
             if value_info.name in self._specs or not value_info.name:
                 raise ValueError(f"Graph input {value_info.name!r} is declared twice or unnamed.")
             self.input_names.append(value_info.name)
-            self._specs[value_info.name] = self._spec(value_info)
+            self._specs[value_info.name] = input_spec(value_info)
         self.required_inputs = [n for n in self.input_names if n not in constants]
         available = set(constants) | set(self.input_names)
         steps: list[Step] = []
@@ -129,7 +130,7 @@ class Interpreter:
             else:
                 steps.append(step)
         for value_info in graph.output:
-            self._check_tensor_type(value_info, "Graph output")
+            check_tensor_type(value_info, "Graph output")
         self.output_names = [o.name for o in graph.output]
         for name in self.output_names:
             if name not in available:
@@ -149,30 +150,6 @@ class Interpreter:
             raise ValueError(f"An {what} has an empty name.")
         if name in names:
             raise ValueError(f"The name {name!r} ({what}) is defined twice in the graph.")
-
-    @staticmethod
-    def _check_tensor_type(value_info: onnx.ValueInfoProto, what: str) -> None:
-        kind = value_info.type.WhichOneof("value")
-        if kind not in (None, "tensor_type"):
-            raise NotImplementedError(
-                f"{what} {value_info.name!r} has type {kind}; the reference interpreter "
-                "handles tensors only (no sequences, maps, optionals or sparse tensors)."
-            )
-
-    def _spec(self, value_info: onnx.ValueInfoProto) -> FeedSpec | None:
-        self._check_tensor_type(value_info, "Graph input")
-        if not value_info.type.HasField("tensor_type"):
-            return None
-        tensor_type = value_info.type.tensor_type
-        if not tensor_type.elem_type:
-            return None
-        dtype = numpy_dtype(tensor_type.elem_type, f"Graph input {value_info.name!r}")
-        shape = None
-        if tensor_type.HasField("shape"):
-            shape = tuple(
-                d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim
-            )
-        return FeedSpec(value_info.name, dtype, shape)
 
     def _compile_node(self, node: onnx.NodeProto, index: int, available: set[str]) -> Step:
         label = _node_label(node, index)

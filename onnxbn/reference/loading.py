@@ -21,6 +21,8 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxbn.session import FeedSpec
+
 _DECODE_ERRORS = (DecodeError, ValueError, TypeError, UnicodeDecodeError, RuntimeError)
 
 # Where each data type keeps its values when not in raw_data, and how many
@@ -294,6 +296,35 @@ def check_nesting(graph: onnx.GraphProto, max_depth: int) -> None:
                     stack.append((attr.g, depth + 1))
                 elif attr.type == onnx.AttributeProto.GRAPHS:
                     stack.extend((g, depth + 1) for g in attr.graphs)
+
+
+def check_tensor_type(value_info: onnx.ValueInfoProto, what: str) -> None:
+    """Refuses graph inputs/outputs that are not tensors.
+
+    Raises:
+        NotImplementedError: sequences, maps, optionals and sparse tensors.
+    """
+    kind = value_info.type.WhichOneof("value")
+    if kind not in (None, "tensor_type"):
+        raise NotImplementedError(
+            f"{what} {value_info.name!r} has type {kind}; the reference interpreter "
+            "handles tensors only (no sequences, maps, optionals or sparse tensors)."
+        )
+
+
+def input_spec(value_info: onnx.ValueInfoProto) -> FeedSpec | None:
+    """Declared dtype and static dims of a graph input (`None` if undeclared)."""
+    check_tensor_type(value_info, "Graph input")
+    tensor_type = value_info.type.tensor_type
+    if not value_info.type.HasField("tensor_type") or not tensor_type.elem_type:
+        return None
+    dtype = numpy_dtype(tensor_type.elem_type, f"Graph input {value_info.name!r}")
+    shape = None
+    if tensor_type.HasField("shape"):
+        shape = tuple(
+            d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim
+        )
+    return FeedSpec(value_info.name, dtype, shape)
 
 
 def attribute_value(attr: onnx.AttributeProto, loader: TensorLoader, where: str) -> Any:
