@@ -108,17 +108,25 @@ def relu(
     if threshold == 0:
         if max_value is None and negative_slope == 0:
             return ctx.op("Relu", [x], label="relu", shape=x.shape)
-        if max_value is None:
-            # max(x, 0) - slope * max(-x, 0) is x above 0 and slope * x below.
+        if max_value is None and dtype != "float64":
+            # max(x, 0) - slope * max(-x, 0) is x above 0 and slope * x below; LeakyRelu's
+            # alpha is a float32 attribute, so float64 takes the general form below.
             return ctx.op(
                 "LeakyRelu", [x], label="leaky_relu", shape=x.shape, alpha=float(negative_slope)
             )
-        y = ctx.op(
-            "Clip",
-            [x, emit.scalar(ctx, 0.0, dtype, "zero"), emit.scalar(ctx, max_value, dtype, "max")],
-            label="clipped",
-            shape=x.shape,
-        )
+        if max_value is None:
+            y = ctx.op("Relu", [x], label="relu", shape=x.shape)
+        else:
+            y = ctx.op(
+                "Clip",
+                [
+                    x,
+                    emit.scalar(ctx, 0.0, dtype, "zero"),
+                    emit.scalar(ctx, max_value, dtype, "max"),
+                ],
+                label="clipped",
+                shape=x.shape,
+            )
     else:
         # Keras multiplies by the comparison, so NaN or -inf below it give NaN.
         above = ctx.op(
