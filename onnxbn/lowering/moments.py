@@ -21,6 +21,11 @@ from onnxbn.lowering.context import LoweringContext, Value
 
 # Leading elements per channel averaged into the shift.
 SHIFT_SAMPLES = 16
+# Masked channels-last sums: False = Where over the shifted data (portable,
+# the default); True = mask weights in the MatMul with an If that recomputes
+# with Where only when the sums are not finite (about one element-wise pass
+# faster on onnxruntime, but needs If, which not every runtime implements).
+MASKED_IF_FAST_PATH = False
 # How Σd² is reduced when the channel is not the last axis (see scripts/bench.py):
 # onnxruntime's ReduceSumSquare over the inner block, or Mul then ReduceSum.
 SQUARES_INNER = "ReduceSumSquare"  # or "Mul+ReduceSum"
@@ -154,15 +159,31 @@ def _sums_channel_last(ctx: LoweringContext, x: Value, valid: Value | None):
         shift = _safe_mean(ctx, total, taken)
     d = ctx.op("Sub", [x, shift], label="shifted", shape=x.shape)
     ones = emit.constant_of_shape(ctx, row_count, 1.0, dtype)
+    if valid is not None and not MASKED_IF_FAST_PATH:
+        s1, s2 = _where_row_sums(ctx, x, d, valid, ones)
+        return d, shift, s1, s2, n
     squares = ctx.op("Mul", [d, d], label="squares", shape=x.shape)
     d2 = d if x.rank == 2 else emit.reshape(ctx, d, [rows, channels], "shifted_rows")
     squares2 = squares if x.rank == 2 else emit.reshape(ctx, squares, [rows, channels], "sq_rows")
     if valid is None:
         s1 = ctx.op("MatMul", [ones, d2], label="sum", shape=(channels,))
         s2 = ctx.op("MatMul", [ones, squares2], label="sum_sq", shape=(channels,))
-        return d, shift, s1, s2, n
-    s1, s2 = _masked_row_sums(ctx, x, d, d2, squares2, valid, flat, ones)
+    else:
+        s1, s2 = _masked_row_sums(ctx, x, d, d2, squares2, valid, flat, ones)
     return d, shift, s1, s2, n
+
+
+def _where_row_sums(ctx, x: Value, d: Value, valid: Value, ones: Value) -> tuple[Value, Value]:
+    """Σ valid d and Σ valid d² over rows, masked-out positions removed by Where."""
+    channels = x.shape[-1]
+    valid_e = ctx.op("Unsqueeze", [valid, emit.ints(ctx, [-1], "axes")], dtype="bool")
+    kept = _zeroed(ctx, valid_e, d, "kept", x.rank)
+    rows = emit.static_product(x.shape[:-1])
+    kept2 = kept if x.rank == 2 else emit.reshape(ctx, kept, [rows, channels], "kept_rows")
+    kept_sq = ctx.op("Mul", [kept2, kept2], label="kept_squares")
+    s1 = ctx.op("MatMul", [ones, kept2], label="sum", shape=(channels,))
+    s2 = ctx.op("MatMul", [ones, kept_sq], label="sum_sq", shape=(channels,))
+    return s1, s2
 
 
 def _masked_row_sums(ctx, x, d, d2, squares2, valid, flat, ones) -> tuple[Value, Value]:

@@ -9,6 +9,7 @@ import pytest
 import onnxbn
 from onnxbn import layers
 from onnxbn.export import export_onnx
+from onnxbn.lowering import moments
 from onnxbn.runtime import Session
 from tests.lowering.test_batch_normalization import (
     SEED,
@@ -136,8 +137,26 @@ def test_training_call_then_inference_call_reads_updated_state(axis):
     assert_close(session.state["bn/moving_mean"], mean, "float32", "mean")
 
 
+@pytest.fixture(params=[False, True], ids=["where", "if_fast_path"])
+def masked_path(request, monkeypatch):
+    """Both formulations of masked channels-last sums (the If one is opt-in)."""
+    monkeypatch.setattr(moments, "MASKED_IF_FAST_PATH", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("shape,axis,masked", [c for c in LAYOUTS if c[2]])
+def test_state_after_k_runs_if_fast_path(shape, axis, masked, monkeypatch):
+    monkeypatch.setattr(moments, "MASKED_IF_FAST_PATH", True)
+    test_state_after_k_runs_matches_eager(shape, axis, masked)
+
+
+def test_default_masked_export_has_no_control_flow():
+    model, _ = build((3, 4, 5), -1, mode="masked")
+    assert "If" not in {n.op_type for n in export_onnx(model).graph.node}
+
+
 @pytest.mark.parametrize("axis", [1, -1])
-def test_empty_batch(axis):
+def test_empty_batch(axis, masked_path):
     rng = np.random.default_rng(SEED)
     for mode in ("training", "masked"):
         model, bn = build((3, 4, 5), axis, mode=mode, rng=rng)
@@ -156,7 +175,7 @@ def test_empty_batch(axis):
 
 
 @pytest.mark.parametrize("axis", [1, -1])
-def test_all_false_mask_gives_zero_statistics(axis):
+def test_all_false_mask_gives_zero_statistics(axis, masked_path):
     rng = np.random.default_rng(SEED)
     model, bn = build((3, 4, 5), axis, mode="masked", rng=rng)
     session = Session(export_onnx(model))
@@ -174,10 +193,12 @@ def test_all_false_mask_gives_zero_statistics(axis):
 
 @pytest.mark.parametrize("axis", [1, 2, -1])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 3e38])
-def test_masked_out_nan_and_inf_do_not_leak(axis, bad):
+def test_masked_out_nan_and_inf_do_not_leak(axis, bad, masked_path):
     rng = np.random.default_rng(SEED)
     model, bn = build((4, 3, 5, 6), axis, mode="masked", rng=rng)
-    session = Session(export_onnx(model))
+    proto = export_onnx(model)
+    strict_check(proto)
+    session = Session(proto)
     feeds, mask = sample((4, 3, 5, 6), axis, "float32", rng, masked=True)
     feeds["x"] = np.where(np.expand_dims(mask, -1), feeds["x"], np.float32(bad))
     session.run(feeds)
