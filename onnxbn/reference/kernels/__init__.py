@@ -11,6 +11,7 @@ from onnxbn.reference.kernels import (  # noqa: F401 (imported for registration)
     logical,
     nn,
     normalization,
+    padding,
     reduction,
     shape,
 )

@@ -90,6 +90,12 @@ def relu(X: np.ndarray) -> tuple[np.ndarray]:
     return (as_array(np.maximum(X, X.dtype.type(0))),)
 
 
+@kernel("LeakyRelu", 6)
+def leaky_relu(X: np.ndarray, *, alpha: float = 0.01) -> tuple[np.ndarray]:
+    compute = X.astype(float_compute_dtype(X.dtype))
+    return (as_array(np.where(compute < 0, compute * alpha, compute), X.dtype),)
+
+
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     # Two branches so exp never overflows: 1/(1+e^-x) for x >= 0, e^x/(1+e^x) below.
     e = np.exp(-np.abs(x))
