@@ -289,9 +289,10 @@ class BaseConv(Layer):
         )
         if self.bias is not None:
             y = y + self.bias.value.astype(np.float64)
-        y = self.activation(y)
         if self.data_format == "channels_first":
             y = np.moveaxis(y, -1, 1)
+        # Keras applies the activation in the layer's data format (softmax: last axis).
+        y = self.activation(y)
         return y.astype(to_numpy_dtype(self.compute_dtype))
 
     def get_config(self) -> dict:
