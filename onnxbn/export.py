@@ -18,6 +18,7 @@ import onnxbn.lowering  # noqa: F401 - registers every lowering rule
 from onnxbn.layers.input_layer import InputLayer
 from onnxbn.layers.layer import Layer
 from onnxbn.lowering.context import STATE_OUTPUT_SUFFIX, LoweringContext, Value, onnx_dtype
+from onnxbn.lowering.folding import fold_batchnorm_nodes
 from onnxbn.lowering.input_layer import declare_input, input_dims
 from onnxbn.lowering.registry import lookup_lowering
 from onnxbn.node import Node
@@ -69,8 +70,8 @@ def export_onnx(
             call that recorded nothing runs in inference mode.
         opset: default-domain opset, 18 when None; any from 15 to `newest_opset()`.
         fold_batchnorm: fold an inference-mode BatchNormalization into the
-            Conv/Dense that is its only producer (False keeps it separate). onnxbn
-            has no Conv/Dense layers yet, so today this changes nothing.
+            Conv/Dense that is its only producer (False keeps it separate); the
+            rules are in `onnxbn/lowering/folding.py`.
 
     Returns:
         The `onnx.ModelProto`; it passes `onnx.checker.check_model(full_check=True)`
@@ -87,7 +88,7 @@ def export_onnx(
         raise TypeError(f"training must be True, False or None, received {training!r}.")
     if not isinstance(fold_batchnorm, (bool, np.bool_)):
         raise TypeError(f"fold_batchnorm must be a bool, received {fold_batchnorm!r}.")
-    model = _export(model_or_layer, training, opset)
+    model = _export(model_or_layer, training, opset, fold=bool(fold_batchnorm))
     validate(model)
     if path is not None:
         write_atomic(model, path)
@@ -203,13 +204,17 @@ def _resolve_trainings(nodes: list[Node], training: bool | None) -> dict[int, bo
     return flags
 
 
-def _export(model_or_layer: Any, training: bool | None, opset: int) -> onnx.ModelProto:
+def _export(
+    model_or_layer: Any, training: bool | None, opset: int, fold: bool = True
+) -> onnx.ModelProto:
     name, inputs, outputs, nodes = _graph_of(model_or_layer)
     flags = _resolve_trainings(nodes, training)
     per_op: dict[int, list[bool]] = {}
     for node in nodes:
         if id(node) in flags:
             per_op.setdefault(id(node.operation), []).append(flags[id(node)])
+    if fold:  # inference-mode BN after a Conv/Dense becomes that layer's weights
+        nodes = fold_batchnorm_nodes(nodes, flags, outputs)
     ctx = LoweringContext(opset, per_op)
     values: dict[int, Value] = {}
     for tensor in inputs:
