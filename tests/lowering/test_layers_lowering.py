@@ -65,12 +65,6 @@ class Case:
     xfail: str | None = None
 
 
-# Keras's BaseConv.call applies the activation to the output in its data format, so
-# softmax of a channels_first conv runs over the last spatial axis; the lowering does
-# that, while the eager `layers/conv.py` applies it before moving the channels back.
-SOFTMAX_LAYOUT = "eager Conv applies the activation in channels_last layout (Keras: data_format)"
-
-
 def _chain(*factories):
     """A call that applies several layers in turn (for cases that need a producer)."""
 
@@ -122,12 +116,12 @@ CASES: dict[str, Case] = {
         ),
         (((3, 7, 8), F32, "normal"),),
     ),
+    # Keras applies a conv's activation in its data format: softmax over the last spatial axis.
     "conv2d_channels_first_softmax": Case(
         lambda p: layers.Conv2D(
             4, 2, activation="softmax", data_format="channels_first", use_bias=False, dtype=p
         ),
         (((3, 5, 4), F32, "normal"),),
-        xfail=SOFTMAX_LAYOUT,
     ),
     "conv2d_softmax_channels_last": Case(
         lambda p: layers.Conv2D(5, 3, activation="softmax", dtype=p), (((6, 6, 2), F32, "normal"),)
