@@ -55,50 +55,61 @@ def init_weights(model: onnxbn.Model, rng: np.random.Generator) -> None:
     model.set_weights(weights)
 
 
-def _conv_bn(h, filters: int, kernel_size: int, name: str, batchnorm: bool, strides: int = 1):
+def _conv_bn(h, filters, kernel_size, name, batchnorm, data_format, strides=1):
     """Conv2D (no bias when BN follows, as ResNets do) then BN."""
     h = layers.Conv2D(
         filters,
         kernel_size,
         strides=strides,
         padding="same",
+        data_format=data_format,
         use_bias=not batchnorm,
         name=f"{name}_conv",
     )(h)
     if batchnorm:
-        h = layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=f"{name}_bn")(h)
+        axis = -1 if data_format == "channels_last" else 1
+        h = layers.BatchNormalization(axis, momentum=0.9, epsilon=1e-5, name=f"{name}_bn")(h)
     return h
 
 
-def _residual_block(h, filters: int, name: str, batchnorm: bool, strides: int = 1):
+def _residual_block(h, filters, name, batchnorm, data_format, strides=1):
     """Conv-BN-ReLU-Conv-BN + skip (a strided 1x1 Conv-BN when the shape changes), ReLU."""
     skip = h
-    y = _conv_bn(h, filters, 3, f"{name}_a", batchnorm, strides)
+    y = _conv_bn(h, filters, 3, f"{name}_a", batchnorm, data_format, strides)
     y = layers.ReLU(name=f"{name}_a_relu")(y)
-    y = _conv_bn(y, filters, 3, f"{name}_b", batchnorm)
-    if strides != 1 or h.shape[-1] != filters:
-        skip = _conv_bn(h, filters, 1, f"{name}_proj", batchnorm, strides)
+    y = _conv_bn(y, filters, 3, f"{name}_b", batchnorm, data_format)
+    channels = h.shape[-1] if data_format == "channels_last" else h.shape[1]
+    if strides != 1 or channels != filters:
+        skip = _conv_bn(h, filters, 1, f"{name}_proj", batchnorm, data_format, strides)
     y = layers.Add(name=f"{name}_add")([y, skip])
     return layers.ReLU(name=f"{name}_out")(y)
 
 
 def resnet_cnn(
-    batchnorm: bool = True, batch: int = 4
+    batchnorm: bool = True, batch: int = 4, data_format: str = "channels_last"
 ) -> tuple[onnxbn.Model, dict[str, np.ndarray]]:
-    """The ResNet-style CNN (see the module docstring) and `batch` sample images."""
+    """The ResNet-style CNN (see the module docstring) and `batch` sample images.
+
+    Args:
+        batchnorm: False builds the same network without BN (biased convolutions).
+        batch: number of sample images.
+        data_format: `"channels_last"` (`(None, 16, 16, 3)` input) or
+            `"channels_first"` (`(None, 3, 16, 16)`); the weights are the same.
+    """
     onnxbn.reset_names()
     rng = np.random.default_rng(SEED)
-    x = onnxbn.Input((16, 16, 3), name="image")
-    h = _conv_bn(x, 16, 3, "stem", batchnorm)
+    last = data_format == "channels_last"
+    x = onnxbn.Input((16, 16, 3) if last else (3, 16, 16), name="image")
+    h = _conv_bn(x, 16, 3, "stem", batchnorm, data_format)
     h = layers.ReLU(name="stem_relu")(h)
-    h = _residual_block(h, 16, "block1", batchnorm)
-    h = _residual_block(h, 32, "block2", batchnorm, strides=2)
-    h = layers.GlobalAveragePooling2D(name="pool")(h)
+    h = _residual_block(h, 16, "block1", batchnorm, data_format)
+    h = _residual_block(h, 32, "block2", batchnorm, data_format, strides=2)
+    h = layers.GlobalAveragePooling2D(data_format=data_format, name="pool")(h)
     y = layers.Dense(10, activation="softmax", name="head")(h)
     model = onnxbn.Model(x, y, name="resnet_cnn" if batchnorm else "resnet_cnn_no_bn")
     init_weights(model, rng)
-    sample = {"image": rng.normal(0.5, 1.0, (batch, 16, 16, 3)).astype(np.float32)}
-    return model, sample
+    images = rng.normal(0.5, 1.0, (batch, 16, 16, 3)).astype(np.float32)
+    return model, {"image": images if last else np.ascontiguousarray(images.transpose(0, 3, 1, 2))}
 
 
 def mlp_bn() -> tuple[onnxbn.Model, dict[str, np.ndarray]]:
