@@ -28,8 +28,10 @@ from onnxbn.layers.moments import MASK_EPSILON
 from onnxbn.lowering import emit
 from onnxbn.lowering.context import LoweringContext, Value
 
-# Leading elements per channel averaged into the shift.
-SHIFT_SAMPLES = 16
+# Leading elements per channel averaged into the shift: the closer the shift is to
+# the mean, the less float32 sums of the shifted data drift (2^25 elements in one
+# channel: mean error 3e-6 relative with 16 samples, 3e-7 with 1024).
+SHIFT_SAMPLES = 1024
 # Masked channels-last sums: False = Where over the shifted data (portable,
 # the default); True = mask weights in the MatMul with an If that recomputes
 # with Where only when the sums are not finite (about one element-wise pass
