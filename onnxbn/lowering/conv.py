@@ -12,8 +12,14 @@ ONNX's Conv reads channels first. A `channels_last` call therefore emits
 optimizer pushes these transposes through element-wise ops (Relu, Add, the
 BatchNormalization Mul/Add) and cancels each inverse pair, so a chain of
 channels-last convolutions runs channels first and transposes only at its
-ends. Measured in `scripts/bench_models.py` (ResNet-style model, batch 32): the
-transposes left after optimization cost a few percent of the run.
+ends. Measured by `scripts/bench_models.py` (ResNet-style model, batch 32, one
+thread): the folded inference export keeps one Transpose (at the input) after
+optimization and runs as fast as the same network built channels_first (2.86
+vs 2.89 ms); the training export keeps 21, because the BatchNormalization
+training lowering reduces over the channels-last layout between the
+convolutions, and costs 6.6 ms against 5.3 ms channels_first. The
+Transpose-free alternative, the patches + MatMul form below used in float32
+too, runs the same inference export in 8.4 ms (2.9x).
 
 float64 policies are computed in float64, which onnxruntime's Conv does not
 implement; they lower to patches + MatMul on the channels-last data (Pad, one
