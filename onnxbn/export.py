@@ -213,8 +213,9 @@ def _export(
     for node in nodes:
         if id(node) in flags:
             per_op.setdefault(id(node.operation), []).append(flags[id(node)])
-    if fold:  # inference-mode BN after a Conv/Dense becomes that layer's weights
-        nodes = fold_batchnorm_nodes(nodes, flags, outputs)
+    # Inference-mode BN after a Conv/Dense becomes that layer's weights; the
+    # metadata still lists every layer of the model (the folded BN included).
+    lowered = fold_batchnorm_nodes(nodes, flags, outputs) if fold else nodes
     ctx = LoweringContext(opset, per_op)
     values: dict[int, Value] = {}
     for tensor in inputs:
@@ -224,7 +225,7 @@ def _export(
                 values[id(tensor)] = lookup_lowering(op)(ctx, op)
         else:
             values[id(tensor)] = declare_input(ctx, tensor)
-    for node in nodes:
+    for node in lowered:
         op = node.operation
         if isinstance(op, InputLayer) and all(id(t) in values for t in node.outputs):
             continue
@@ -244,9 +245,11 @@ def _export(
             values[id(tensor)] = _name_output(ctx, value, tensor)
     graph_outputs = _graph_outputs(ctx, outputs, values)
     graph_outputs += ctx.state_outputs()
-    used = _names_read(ctx.nodes) | set(ctx.state)
+    graph_outputs += ctx.sync_outputs
+    graph_inputs = ctx.inputs + ctx.sync_inputs
+    used = _names_read(ctx.nodes) | set(ctx.state) | {i.name for i in ctx.sync_inputs}
     ctx.initializers[:] = [t for t in ctx.initializers if t.name in used]
-    graph = helper.make_graph(ctx.nodes, name, ctx.inputs, graph_outputs, ctx.initializers)
+    graph = helper.make_graph(ctx.nodes, name, graph_inputs, graph_outputs, ctx.initializers)
     opset_ids = [helper.make_opsetid("", opset)]
     model = helper.make_model(
         graph,

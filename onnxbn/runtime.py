@@ -108,6 +108,9 @@ class Session(StatefulSession):
         providers: None picks CUDA when onnxruntime offers it and a session can
             be created on it, else CPU; an explicit list (names or
             `(name, options)` pairs) is validated and used as given.
+        comm: an mpi4py communicator for a training export with synchronized
+            BatchNormalization layers (default: `COMM_WORLD` under `mpiexec`);
+            see `onnxbn/lowering/synchronized.py`.
 
     Attributes:
         providers: the execution providers in use, in priority order.
@@ -119,9 +122,11 @@ class Session(StatefulSession):
             provider onnxruntime could not use, or an onnxruntime error.
     """
 
-    def __init__(self, model_or_path: Any, providers: Sequence[Any] | None = None) -> None:
+    def __init__(
+        self, model_or_path: Any, providers: Sequence[Any] | None = None, comm: Any = None
+    ) -> None:
         model = load_model(model_or_path)
-        super().__init__(model)
+        super().__init__(model, comm=comm)
         data = model.SerializeToString()
         options = onnxruntime.SessionOptions()
         options.log_severity_level = 3  # state inputs with initializers warn by design
@@ -180,7 +185,7 @@ class Session(StatefulSession):
     # -- CUDA path ------------------------------------------------------------------
     def run(self, feeds: Mapping[str, Any]) -> list[np.ndarray]:
         """Runs the model once; see `onnxbn.session.StatefulSession.run`."""
-        if not self._on_device or not self._pairs:
+        if not self._on_device or not self._pairs or self._communicator() is not None:
             return super().run(feeds)
         arrays = self.check_feeds(feeds)
         with self._lock:

@@ -18,6 +18,10 @@ import onnx
 from onnx import helper, numpy_helper
 
 STATE_SUFFIX = "/new"
+# Synchronized BatchNormalization (see onnxbn/lowering/synchronized.py).
+SYNC_FLAG = "synchronize"
+PARTIAL_SUFFIX = "/partial_moments"
+GLOBAL_SUFFIX = "/global_moments"
 
 
 class FeedSpec:
@@ -101,6 +105,34 @@ def convert_feed(name: str, value: Any, spec: FeedSpec) -> np.ndarray:
     return array
 
 
+def sync_pairs(graph: onnx.GraphProto) -> list[tuple[str, str]]:
+    """`(partial output, global input)` of each synchronized call, in graph order."""
+    input_names = {i.name for i in graph.input}
+    pairs = []
+    for output in graph.output:
+        if output.name.endswith(PARTIAL_SUFFIX):
+            target = output.name[: -len(PARTIAL_SUFFIX)] + GLOBAL_SUFFIX
+            if target in input_names:
+                pairs.append((output.name, target))
+    return pairs
+
+
+def _collectively(comm: Any, fn: Any) -> Any:
+    """Runs `fn` on every process; if it fails anywhere, every process raises."""
+    try:
+        value, error = fn(), None
+    except (TypeError, ValueError, NotImplementedError) as caught:
+        value, error = None, caught
+    reports = comm.allgather(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = [(rank, r) for rank, r in enumerate(reports) if r is not None]
+    if failed:
+        rank, report = failed[0]
+        raise ValueError(f"Process {rank} of the synchronized run failed: {report}")
+    return value
+
+
 def _show(shape: Sequence[int | None]) -> str:
     return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
 
@@ -117,12 +149,16 @@ class StatefulSession:
         model: the loaded `onnx.ModelProto`.
     """
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(self, model: onnx.ModelProto, comm: Any = None) -> None:
         graph = model.graph
         self._model_proto = model
         self._pairs = state_pairs(graph)
-        state_inputs = {p[0] for p in self._pairs}
-        state_outputs = {p[1] for p in self._pairs}
+        self._sync = sync_pairs(graph)
+        self._comm = comm
+        state_inputs = {p[0] for p in self._pairs} | {g for _, g in self._sync}
+        state_outputs = {p[1] for p in self._pairs} | {p for p, _ in self._sync}
+        if self._sync:
+            state_inputs.add(SYNC_FLAG)
         initializers = {t.name: t for t in graph.initializer}
         self._input_specs = {
             vi.name: value_info_spec(vi) for vi in graph.input if vi.name not in state_inputs
@@ -201,6 +237,9 @@ class StatefulSession:
         Raises:
             TypeError, ValueError: bad feeds (`.state` is left unchanged).
         """
+        comm = self._communicator()
+        if comm is not None:
+            return self._run_synchronized(comm, feeds)
         arrays = self.check_feeds(feeds)
         if not self._pairs:
             results = self._execute(arrays, self._output_names)
@@ -213,3 +252,40 @@ class StatefulSession:
     def _execute(self, feeds: dict[str, np.ndarray], output_names: list[str]) -> dict[str, Any]:
         """Runs the graph on complete feeds; returns `{output name: array}`."""
         raise NotImplementedError
+
+    # -- synchronized BatchNormalization (onnxbn/lowering/synchronized.py) ----------
+    def _communicator(self) -> Any:
+        """The communicator of a multi-process run of a synchronized export, else None."""
+        if not self._sync:
+            return None
+        comm = self._comm
+        if comm is None:
+            from onnxbn import distributed
+
+            comm = distributed.active_communicator()
+        if comm is None or comm.Get_size() == 1:
+            return None
+        return comm
+
+    def _run_synchronized(self, comm: Any, feeds: Mapping[str, Any]) -> list[np.ndarray]:
+        """One training step across the processes of `comm` (every process calls it).
+
+        For each synchronized call in graph order: run up to its partial
+        moments, all-gather them, combine (Chan et al.) and feed the global
+        moments; then a last run gives the outputs and the new state. An error
+        on any process is raised on every process, so none is left waiting.
+        """
+        from onnxbn.distributed import allreduce_moments
+
+        arrays = _collectively(comm, lambda: self.check_feeds(feeds))
+        with self._lock:
+            complete = {**arrays, **self._state, SYNC_FLAG: np.array(True)}
+            for partial_name, global_name in self._sync:
+                partial = _collectively(
+                    comm, lambda name=partial_name: self._execute(complete, [name])[name]
+                )
+                combined = allreduce_moments(comm, tuple(partial), what=partial_name)
+                complete[global_name] = np.stack(combined).astype(np.float64)
+            results = _collectively(comm, lambda: self._execute(complete, self._all_output_names))
+            self._state = {inp: np.asarray(results[out]) for inp, out in self._pairs}
+        return [results[n] for n in self._output_names]

@@ -229,7 +229,7 @@ def _training(
     dtype, channels = x.dtype, x.shape[axis]
     moving_mean, moving_var = _read_state(ctx, op, dtype)
     valid = None if mask is None else moments.valid_positions(ctx, mask, x)
-    stats = moments.batch_moments(ctx, x, axis, valid)
+    stats = moments.batch_moments(ctx, x, axis, valid, synchronized=op.synchronized)
     mean_d, var = stats.mean_shifted, stats.var
     if _use_native(x, axis) and dtype == "float32":
         gamma, beta = _affine(ctx, op, dtype, channels)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from onnxbn.dtypes import standardize_dtype, to_numpy_dtype
 
@@ -75,6 +75,9 @@ class LoweringContext:
         self.initializers: list[onnx.TensorProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
         self.state: dict[str, StateSlot] = {}
+        # Synchronized BatchNormalization: inputs/outputs declared after the state ones.
+        self.sync_inputs: list[onnx.ValueInfoProto] = []
+        self.sync_outputs: list[onnx.ValueInfoProto] = []
         self._trainings = trainings or {}
         self._names: set[str] = set()
         self._scope = ""
@@ -235,6 +238,38 @@ class LoweringContext:
             slot = StateSlot(path, dtype, tuple(data.shape), Value(path, dtype, data.shape))
             self.state[path] = slot
         return slot.current
+
+    def exchange(
+        self, partial: Value, partial_suffix: str, global_suffix: str, flag_name: str
+    ) -> tuple[Value, Value, Value]:
+        """Publishes `partial` as output `<scope><partial_suffix>`; declares the global input.
+
+        The input `<scope><global_suffix>` (same type, zeros by default) and the
+        shared bool flag input `flag_name` (False by default) are declared once;
+        see `onnxbn/lowering/synchronized.py` for the contract.
+
+        Returns:
+            The renamed partial, the global input and the flag.
+        """
+        dtype = onnx_dtype(partial.dtype)
+        out_name = self.reserve(self._scope + partial_suffix)
+        self.rename(partial.name, out_name)
+        self.sync_outputs.append(
+            helper.make_tensor_value_info(out_name, dtype, list(partial.shape))
+        )
+        if flag_name not in self._names:
+            self.reserve(flag_name)
+            self.sync_inputs.append(helper.make_tensor_value_info(flag_name, TensorProto.BOOL, []))
+            self.initializers.append(numpy_helper.from_array(np.array(False), flag_name))
+        in_name = self.reserve(self._scope + global_suffix)
+        self.sync_inputs.append(helper.make_tensor_value_info(in_name, dtype, list(partial.shape)))
+        zeros = np.zeros(partial.shape, to_numpy_dtype(partial.dtype))
+        self.initializers.append(numpy_helper.from_array(zeros, in_name))
+        return (
+            Value(out_name, partial.dtype, partial.shape),
+            Value(in_name, partial.dtype, partial.shape),
+            Value(flag_name, "bool", ()),
+        )
 
     def write_state(self, path: str, value: Value) -> None:
         """Makes `value` the current value of the state `path`."""

@@ -71,7 +71,9 @@ def surely_nonempty(x: Value) -> bool:
     return all(d is not None and d > 0 for d in x.shape)
 
 
-def batch_moments(ctx: LoweringContext, x: Value, axis: int, valid: Value | None) -> Moments:
+def batch_moments(
+    ctx: LoweringContext, x: Value, axis: int, valid: Value | None, synchronized: bool = False
+) -> Moments:
     """Shifted sums of `x` over every axis but `axis`, finished into mean and variance.
 
     Args:
@@ -79,14 +81,25 @@ def batch_moments(ctx: LoweringContext, x: Value, axis: int, valid: Value | None
         x: the data in the compute dtype.
         axis: the channel axis (non-negative).
         valid: optional boolean mask of `x.shape[:-1]` (see `valid_positions`).
+        synchronized: publish the partial moments and take the global ones
+            (see `onnxbn/lowering/synchronized.py`).
     """
     if axis == x.rank - 1:
         d, shift, s1, s2, n = _sums_channel_last(ctx, x, valid)
     else:
         d, shift, s1, s2, n = _sums_channel_inner(ctx, x, axis, valid)
-    mean_d, var = _finish(ctx, shift, s1, s2, n, x.shape[axis], masked=valid is not None)
+    channels = x.shape[axis]
+    if synchronized:
+        from onnxbn.lowering.synchronized import exchanged_moments
+
+        flat_shift = _flat(ctx, shift, channels)
+        mean_d, var, n = exchanged_moments(
+            ctx, flat_shift, s1, s2, n, channels, masked=valid is not None
+        )
+    else:
+        mean_d, var = _finish(ctx, shift, s1, s2, n, channels, masked=valid is not None)
     nonempty = None
-    if valid is None and not surely_nonempty(x):
+    if valid is None and (synchronized or not surely_nonempty(x)):
         zero = emit.scalar(ctx, 0.0, x.dtype, "zero")
         nonempty = ctx.op("Greater", [n, zero], dtype="bool", label="nonempty")
     return Moments(d, _flat(ctx, shift, x.shape[axis]), mean_d, var, nonempty)

@@ -24,13 +24,14 @@ class Session(StatefulSession):
 
     Args:
         model_or_path: a `ModelProto`, a path to a `.onnx` file, or bytes.
-        comm: an MPI communicator; only a single-process one is supported here.
+        comm: an mpi4py communicator for a training export with synchronized
+            BatchNormalization layers (default: `COMM_WORLD` under `mpiexec`).
         base_dir: folder of the external data of an in-memory model.
         max_bytes: allocation cap in bytes (default 4 GiB).
         max_depth: graph nesting cap.
 
     Raises:
-        NotImplementedError: an unsupported op, or a multi-process `comm`.
+        NotImplementedError: an unsupported op.
         ValueError: a malformed or unsafe model.
     """
 
@@ -43,15 +44,10 @@ class Session(StatefulSession):
         max_bytes: int = DEFAULT_MAX_BYTES,
         max_depth: int = DEFAULT_MAX_DEPTH,
     ) -> None:
-        if comm is not None and comm.Get_size() > 1:
-            raise NotImplementedError(
-                f"onnxbn.reference.Session runs on one process; received a communicator of "
-                f"{comm.Get_size()} processes."
-            )
         self._interpreter = Interpreter(
             model_or_path, base_dir=base_dir, max_bytes=max_bytes, max_depth=max_depth
         )
-        super().__init__(_description(self._interpreter))
+        super().__init__(_description(self._interpreter), comm=comm)
 
     @property
     def interpreter(self) -> Interpreter:

@@ -1,7 +1,10 @@
 """Run under `mpiexec -n P`: each rank trains a synchronized BatchNormalization on its shard.
 
-Usage: worker.py OUT_DIR SCENARIO. Writes OUT_DIR/rank<r>.npz with the outputs and
-moving statistics (or the error message) for the test to check.
+Usage: worker.py OUT_DIR SCENARIO. The scenario names the engine (eager,
+ort, reference, or raw: plain onnxruntime driving the documented contract with a
+hand-written reduction) and the data layout (even, uneven with an empty rank,
+masked, mismatch). Writes OUT_DIR/rank<r>.npz with the outputs and moving
+statistics (or the error message) for the test to check.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+import onnxbn
 from onnxbn import layers
 
 
@@ -21,6 +25,79 @@ def shard_sizes(total: int, size: int, scenario: str) -> list[int]:
         sizes[-1] += total - sum(sizes)
         return sizes
     return [total // size + (r < total % size) for r in range(size)]
+
+
+def export(layer, channels: int, masked: bool):
+    x = onnxbn.Input(shape=(5, channels), name="x")
+    inputs, kwargs = [x], {}
+    if masked:
+        kwargs["mask"] = onnxbn.Input(shape=(5,), dtype="bool", name="mask")
+        inputs.append(kwargs["mask"])
+    return onnxbn.export_onnx(onnxbn.Model(inputs, layer(x, **kwargs)), training=True)
+
+
+def eager_engine(layer, channels, masked, comm):
+    def step(x, mask):
+        return layer(x, training=True, mask=mask)
+
+    return step, lambda: (layer.moving_mean.numpy(), layer.moving_variance.numpy())
+
+
+def session_engine(module):
+    def make(layer, channels, masked, comm):
+        session = module.Session(export(layer, channels, masked), comm=comm)
+
+        def step(x, mask):
+            feeds = {"x": x} if mask is None else {"x": x, "mask": mask}
+            return session.run(feeds)[0]
+
+        return step, lambda: (session.state["bn/moving_mean"], session.state["bn/moving_variance"])
+
+    return make
+
+
+def raw_engine(layer, channels, masked, comm):
+    """The documented contract driven by plain onnxruntime and a hand-written reduction."""
+    import onnxruntime
+
+    proto = export(layer, channels, masked)
+    session = onnxruntime.InferenceSession(
+        proto.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    state = {
+        "bn/moving_mean": layer.moving_mean.numpy(),
+        "bn/moving_variance": layer.moving_variance.numpy(),
+    }
+
+    def chan(partials):
+        n = sum(p[0] for p in partials)
+        safe = np.where(n > 0, n, 1.0)
+        mean = sum(p[0] * p[1] for p in partials) / safe
+        m2 = sum(p[2] + p[0] * (p[1] - mean) ** 2 for p in partials)
+        return np.stack([n, mean, m2])
+
+    def step(x, mask):
+        feeds = {"x": x, **state, "synchronize": np.array(True)}
+        if mask is not None:
+            feeds["mask"] = mask
+        (partial,) = session.run(["bn/partial_moments"], feeds)
+        feeds["bn/global_moments"] = chan(comm.allgather(partial))
+        y, mean, var = session.run(["bn", "bn/moving_mean/new", "bn/moving_variance/new"], feeds)
+        state["bn/moving_mean"], state["bn/moving_variance"] = mean, var
+        return y
+
+    return step, lambda: (state["bn/moving_mean"], state["bn/moving_variance"])
+
+
+def engines() -> dict:
+    from onnxbn import reference, runtime
+
+    return {
+        "eager": eager_engine,
+        "ort": session_engine(runtime),
+        "reference": session_engine(reference),
+        "raw": raw_engine,
+    }
 
 
 def main() -> None:
@@ -36,34 +113,35 @@ def main() -> None:
     sizes = shard_sizes(total, size, scenario)
     start = sum(sizes[:rank])
     stop = start + sizes[rank]
-    if scenario == "mismatch" and rank == size - 1:
+    if scenario.endswith("mismatch") and rank == size - 1:
         channels += 1
         data = np.concatenate([data, data[..., :1]], axis=-1)
     layer = layers.BatchNormalization(synchronized=True, momentum=0.7, name="bn")
     layer.build((None, 5, channels))
     layer.set_weights(
-        [
-            np.linspace(0.5, 2, channels),
-            np.linspace(-1, 1, channels),
-            np.zeros(channels),
-            np.ones(channels),
-        ]
-    )
+        [np.linspace(0.5, 2, channels), np.linspace(-1, 1, channels),
+         np.zeros(channels), np.ones(channels)]
+    )  # fmt: skip
+    table = engines()
+    engine = scenario.split("-")[0]
+    make = table.get(engine, eager_engine)
+    masked = "masked" in scenario
     outputs = []
     try:
-        for step in range(steps):
-            mask = masks[step, start:stop] if "masked" in scenario else None
-            outputs.append(layer(data[step, start:stop], training=True, mask=mask))
+        step, state = make(layer, channels, masked, comm)
+        for s in range(steps):
+            outputs.append(step(data[s, start:stop], masks[s, start:stop] if masked else None))
     except ValueError as error:
         np.savez(out_dir / f"rank{rank}.npz", error=str(error))
         return
+    mean, var = state()
     np.savez(
         out_dir / f"rank{rank}.npz",
         start=start,
         stop=stop,
         y=np.concatenate(outputs) if outputs else np.zeros(0),
-        moving_mean=layer.moving_mean.numpy(),
-        moving_variance=layer.moving_variance.numpy(),
+        moving_mean=mean,
+        moving_variance=var,
     )
 
 

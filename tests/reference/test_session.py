@@ -179,7 +179,7 @@ class _Comm:
         return self.size
 
 
-def test_multi_process_communicator_is_not_implemented():
-    Session(_training_model(), comm=_Comm(1))
-    with pytest.raises(NotImplementedError, match="communicator of 2 processes"):
-        Session(_training_model(), comm=_Comm(2))
+def test_single_process_communicator_changes_nothing():
+    plain = Session(_training_model())
+    with_comm = Session(_training_model(), comm=_Comm(1))
+    assert plain.state.keys() == with_comm.state.keys()

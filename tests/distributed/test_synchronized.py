@@ -1,4 +1,8 @@
-"""synchronized=True across real processes (mpiexec -n 2 and -n 4) versus one process."""
+"""synchronized=True across real processes (mpiexec -n 2 and -n 4) versus one process.
+
+Eager layers, onnxbn.runtime / onnxbn.reference Sessions with a communicator, and plain
+onnxruntime driving the documented partial/global moments contract.
+"""
 
 from __future__ import annotations
 
@@ -58,8 +62,15 @@ def single_process(scenario: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.stack(ys), layer.moving_mean.numpy(), layer.moving_variance.numpy()
 
 
-@pytest.mark.parametrize("processes", [2, 4])
-@pytest.mark.parametrize("scenario", ["even", "uneven", "masked", "masked-uneven"])
+SCENARIOS = [
+    (2, "even"), (4, "even"), (2, "uneven"), (4, "uneven"), (2, "masked"), (4, "masked-uneven"),
+    (2, "ort-even"), (4, "ort-masked-uneven"), (2, "ort-uneven"), (4, "ort-masked"),
+    (2, "reference-masked-uneven"), (4, "reference-even"),
+    (2, "raw-masked-uneven"), (4, "raw-even"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("processes,scenario", SCENARIOS)
 def test_matches_single_process_on_concatenated_batch(processes, scenario, tmp_path):
     results = launch(processes, scenario, tmp_path)
     y, mm, mv = single_process(scenario)
@@ -76,8 +87,9 @@ def test_matches_single_process_on_concatenated_batch(processes, scenario, tmp_p
     np.testing.assert_allclose(results[0]["moving_variance"], mv, rtol=1e-6, atol=1e-6)
 
 
-def test_mismatched_channels_make_every_replica_raise(tmp_path):
-    results = launch(2, "mismatch", tmp_path)
+@pytest.mark.parametrize("engine", ["", "ort-", "reference-"])
+def test_mismatched_channels_make_every_replica_raise(engine, tmp_path):
+    results = launch(2, engine + "mismatch", tmp_path)
     for res in results:
         assert "different channel counts" in str(res["error"])
 
