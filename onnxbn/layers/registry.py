@@ -78,6 +78,8 @@ def lookup_class(envelope: dict) -> type:
         )
     cls, module = LAYERS.lookup(class_name)
     given = envelope.get("module", module)
+    if given is not None and not isinstance(given, str):
+        raise TypeError(f"A layer config's 'module' must be a string, received {given!r:.80}.")
     if given not in (module, None) and not (
         module == "keras.layers" and given.startswith("keras.src.layers")
     ):
