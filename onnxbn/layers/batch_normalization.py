@@ -113,8 +113,9 @@ def batch_normalization(
     if gamma is not None:
         inv = inv * np.asarray(gamma, dtype=np.float64)
     offset = np.zeros_like(inv) if beta is None else np.asarray(beta, dtype=np.float64)
-    y = (np.asarray(x, dtype=np.float64) - mean64.reshape(shape)) * inv.reshape(shape)
-    y += offset.reshape(shape)
+    with np.errstate(invalid="ignore"):  # Inf - Inf in a poisoned channel is NaN, as in Keras
+        y = (np.asarray(x, dtype=np.float64) - mean64.reshape(shape)) * inv.reshape(shape)
+        y += offset.reshape(shape)
     return y.astype(out_dtype), new_mean.astype(out_dtype), new_var.astype(out_dtype)
 
 

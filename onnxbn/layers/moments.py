@@ -34,7 +34,12 @@ def partial_moments(
         `count`, `mean`, `M2 = Σ (x - mean)²`, each of the channel's shape; a
         channel with no valid position has mean 0 and M2 0.
     """
-    x64 = np.asarray(x, dtype=np.float64)
+    with np.errstate(invalid="ignore"):  # Inf data gives NaN statistics, as in Keras
+        return _partial_moments(np.asarray(x, dtype=np.float64), reduction_axes, valid)
+
+
+def _partial_moments(x64, reduction_axes, valid):
+    x = x64
     if valid is None:
         size = int(np.prod([x.shape[a] for a in reduction_axes], dtype=np.int64))
         keep = [d for a, d in enumerate(x.shape) if a not in reduction_axes]
