@@ -9,7 +9,7 @@ import numpy as np
 
 from onnxbn.dtypes import standardize_dtype, to_numpy_dtype
 from onnxbn.layers.input_layer import InputLayer
-from onnxbn.layers.layer import Layer, to_array
+from onnxbn.layers.layer import Layer, assign_weights, to_array
 from onnxbn.node import Node
 from onnxbn.operation import Operation
 from onnxbn.tensor import SymbolicTensor
@@ -189,25 +189,7 @@ class Model(Operation):
 
     def set_weights(self, weights: Sequence[Any]) -> None:
         """Sets every weight from a list in Keras order (checked before any assignment)."""
-        if not isinstance(weights, (list, tuple)):
-            raise TypeError(
-                f"set_weights expects a list of arrays, received {type(weights).__name__}."
-            )
-        own = self.weights
-        if len(weights) != len(own):
-            raise ValueError(
-                f"You called `set_weights(weights)` on model '{self.name}' with a weight list "
-                f"of length {len(weights)}, but the model was expecting {len(own)} weights."
-            )
-        arrays = [to_array(w, f"Weight {v.path!r}") for v, w in zip(own, weights)]
-        for variable, array in zip(own, arrays):
-            if array.shape != variable.shape:
-                raise ValueError(
-                    f"Weight {variable.path!r} has shape {variable.shape}, received an array "
-                    f"of shape {array.shape}."
-                )
-        for variable, array in zip(own, arrays):
-            variable.assign(array)
+        assign_weights(self.weights, weights, f"model '{self.name}'")
 
     # -- eager evaluation -----------------------------------------------------
     def _feed_values(self, args: tuple) -> list[np.ndarray]:

@@ -37,6 +37,34 @@ def to_array(value: Any, what: str) -> np.ndarray:
     return array
 
 
+def assign_weights(variables: list[Variable], weights: Any, owner: str) -> None:
+    """Assigns `weights` to `variables` in order, after checking count, types and shapes.
+
+    Nothing is assigned unless every array fits (Keras's messages).
+
+    Raises:
+        TypeError: `weights` is not a list, or holds a non-numeric array.
+        ValueError: the wrong number of arrays or a wrong shape.
+    """
+    if not isinstance(weights, (list, tuple)):
+        raise TypeError(f"set_weights expects a list of arrays, received {type(weights).__name__}.")
+    kind = owner.split(" ", 1)[0]
+    if len(weights) != len(variables):
+        raise ValueError(
+            f"You called `set_weights(weights)` on {owner} with a weight list of length "
+            f"{len(weights)}, but the {kind} was expecting {len(variables)} weights."
+        )
+    arrays = [to_array(w, f"Weight {v.path!r}") for v, w in zip(variables, weights)]
+    for variable, array in zip(variables, arrays):
+        if array.shape != variable.shape:
+            raise ValueError(
+                f"Weight {variable.path!r} of {owner}: weight shape {variable.shape} is not "
+                f"compatible with provided weight shape {array.shape}."
+            )
+    for variable, array in zip(variables, arrays):
+        variable.assign(array)
+
+
 class Layer(Operation):
     """Base layer: weights, dtype policy, `trainable`, masking and input specs.
 
@@ -158,25 +186,7 @@ class Layer(Operation):
             ValueError: wrong number of arrays or a wrong shape (nothing is assigned).
             TypeError: not a list, or a non-numeric array.
         """
-        if not isinstance(weights, (list, tuple)):
-            raise TypeError(
-                f"set_weights expects a list of arrays, received {type(weights).__name__}."
-            )
-        own = self.weights
-        if len(weights) != len(own):
-            raise ValueError(
-                f"You called `set_weights(weights)` on layer '{self.name}' with a weight list "
-                f"of length {len(weights)}, but the layer was expecting {len(own)} weights."
-            )
-        arrays = [to_array(w, f"Weight {v.path!r}") for v, w in zip(own, weights)]
-        for variable, array in zip(own, arrays):
-            if array.shape != variable.shape:
-                raise ValueError(
-                    f"Layer {self.name} weight shape {variable.shape} is not compatible with "
-                    f"provided weight shape {array.shape} (weight {variable.path!r})."
-                )
-        for variable, array in zip(own, arrays):
-            variable.assign(array)
+        assign_weights(self.weights, weights, f"layer '{self.name}'")
 
     @property
     def losses(self) -> list[float]:
