@@ -25,7 +25,8 @@ def bn_oracle(
     Training: gamma * (x - mean(batch)) / sqrt(var(batch) + epsilon) + beta and
     moving = moving * momentum + batch * (1 - momentum). Inference: the same
     with the moving statistics. Masked statistics follow Keras: the mask is
-    expanded at its last axis, and sums are divided by count + 1e-7.
+    expanded at its last axis, and sums are divided by count + 1e-7. An empty
+    unmasked batch leaves the moving statistics unchanged.
     """
     x = np.asarray(x, dtype=np.float64)
     axis = axis % x.ndim
@@ -35,7 +36,10 @@ def bn_oracle(
     reduce = tuple(i for i in range(x.ndim) if i != axis)
     mm = np.asarray(moving_mean, np.float64)
     mv = np.asarray(moving_variance, np.float64)
-    if training:
+    if training and mask is None and x.size == 0:
+        # An empty batch has no statistics: the moving ones stay (onnxbn's documented choice).
+        mean, var, new_mm, new_mv = mm, mv, mm, mv
+    elif training:
         if mask is None:
             mean = x.mean(axis=reduce)
             var = ((x - mean.reshape(shape)) ** 2).mean(axis=reduce)

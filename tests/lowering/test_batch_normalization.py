@@ -26,9 +26,9 @@ import onnxbn
 from onnxbn import layers
 from onnxbn.export import DEFAULT_OPSET, MIN_OPSET, export_onnx, newest_opset
 from onnxbn.runtime import Session
+from tests.oracle import bn_oracle
 
 SEED = 20240611
-KERAS_EPSILON = 1e-7  # keras.backend.epsilon(), added to masked counts
 FULL = os.environ.get("ONNXBN_FULL") == "1"
 
 # (rtol, atol) of a result against float64, by the dtype it is delivered in:
@@ -52,46 +52,11 @@ DTYPES = ["float32", "float16", "bfloat16", "float64"]
 
 # -- the oracle --------------------------------------------------------------------
 def oracle(x, *, axis, gamma, beta, mean, var, momentum, epsilon, training, mask=None):
-    """`(y, new_moving_mean, new_moving_variance)` in float64, from the formulas.
-
-    y = gamma * (x - m) / sqrt(v + epsilon) + beta, with (m, v) the batch mean and
-    population variance in training (masked: Keras's `count + 1e-7` sums over the
-    positions where the mask, expanded at the last axis, is non-zero), the moving
-    statistics otherwise; moving = moving * momentum + batch * (1 - momentum). An
-    empty unmasked batch leaves the moving statistics as they are.
-    """
-    x = np.asarray(x, dtype=np.float64)
-    axis %= x.ndim
-    channels = x.shape[axis]
-    bshape = [1] * x.ndim
-    bshape[axis] = channels
-    reduce_axes = tuple(a for a in range(x.ndim) if a != axis)
-    mean = np.asarray(mean, np.float64)
-    var = np.asarray(var, np.float64)
-    new_mean, new_var = mean, var
-    if training:
-        if mask is None:
-            if x.size == 0:
-                m, v = mean, var
-            else:
-                m = x.sum(axis=reduce_axes) / (x.size / channels)
-                v = ((x - m.reshape(bshape)) ** 2).sum(axis=reduce_axes) / (x.size / channels)
-                new_mean = mean * momentum + m * (1 - momentum)
-                new_var = var * momentum + v * (1 - momentum)
-        else:
-            valid = np.broadcast_to(np.expand_dims(np.asarray(mask) != 0, -1), x.shape)
-            count = valid.sum(axis=reduce_axes).astype(np.float64)
-            m = np.where(valid, x, 0.0).sum(axis=reduce_axes) / (count + KERAS_EPSILON)
-            dev = np.where(valid, x - m.reshape(bshape), 0.0)
-            v = (dev**2).sum(axis=reduce_axes) / (count + KERAS_EPSILON)
-            new_mean = mean * momentum + m * (1 - momentum)
-            new_var = var * momentum + v * (1 - momentum)
-    else:
-        m, v = mean, var
-    g = np.ones(channels) if gamma is None else np.asarray(gamma, np.float64)
-    b = np.zeros(channels) if beta is None else np.asarray(beta, np.float64)
-    y = (x - m.reshape(bshape)) / np.sqrt(v.reshape(bshape) + epsilon)
-    return g.reshape(bshape) * y + b.reshape(bshape), new_mean, new_var
+    """`(y, new_moving_mean, new_moving_variance)` in float64 (see `tests/oracle.py`)."""
+    return bn_oracle(
+        x, axis=axis, gamma=gamma, beta=beta, moving_mean=mean, moving_variance=var,
+        momentum=momentum, epsilon=epsilon, training=training, mask=mask,
+    )  # fmt: skip
 
 
 def assert_close(actual, expected, dtype, what):
