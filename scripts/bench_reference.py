@@ -1,21 +1,27 @@
 """Benchmark: onnxbn.reference vs onnx.reference.ReferenceEvaluator.
 
-Runs BatchNormalization-like graphs (inference scale/shift, decomposed
-training statistics with state outputs, and the BatchNormalization op
-itself) on NCHW 32x64x56x56, 2-D 4096x1024 and 8x16 inputs, prints the median
-time of each engine, their ratio, and the per-node overhead on the small
-case (a chain of trivial Identity/Add nodes, total time / node count).
-Both engines' outputs are compared before timing.
+By default it runs the graphs `onnxbn.export_onnx` writes for a
+BatchNormalization layer (inference, training and masked-training exports,
+built as `onnxbn.benchmark` builds them) on float32 NCHW 32x64x56x56, NHWC
+32x56x56x64, 2-D 4096x1024 and 8x16 inputs (`x = 1e4 + N(0, 1)`), and prints
+a Markdown table of each engine's median time and their ratio (onnx.reference
+time / onnxbn.reference time; medians over >= 20 runs on the small shape,
+>= 5 on the large ones, the engines interleaved), then the per-node overhead
+on the small shape (a chain of trivial Identity/Add nodes, total time / node
+count). Both engines' outputs are compared before timing.
 
-    .venv/bin/python scripts/bench_reference.py [--repeats 20] [--model path.onnx]
+    .venv/bin/python scripts/bench_reference.py [--repeats 20] [--large-repeats 5]
+        [--layouts NCHW,NHWC,2D,small] [--synthetic] [--model path.onnx]
 
-`--model` benchmarks an exported model instead (random feeds; dynamic dims
-take `--dim`).
+`--synthetic` adds the hand-built graphs (Mul+Add scale/shift, a decomposed
+training graph, the BatchNormalization op). `--model` benchmarks one model
+file instead (random feeds; dynamic dims take `--dim`).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -25,10 +31,19 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
+from onnxbn import benchmark
 from onnxbn.reference import Interpreter
 
 SHAPES = {"NCHW 32x64x56x56": (32, 64, 56, 56), "2-D 4096x1024": (4096, 1024), "8x16": (8, 16)}
 OPSET = 18
+LAYOUT_LABELS = {
+    "NCHW": "NCHW 32x64x56x56",
+    "NHWC": "NHWC 32x56x56x64",
+    "2D": "2-D 4096x1024",
+    "small": "8x16",
+}
+# Fewer runs than this per engine would not give a meaningful median.
+MIN_SMALL_REPEATS, MIN_LARGE_REPEATS = 20, 5
 
 
 def _channel_shape(shape: tuple[int, ...]) -> list[int]:
@@ -153,7 +168,10 @@ def median_seconds(fns: list[Callable[[], object]], repeats: int) -> list[float]
 
 
 def compare(
-    model: onnx.ModelProto, feeds: dict[str, np.ndarray], repeats: int
+    model: onnx.ModelProto,
+    feeds: dict[str, np.ndarray],
+    repeats: int,
+    tolerance: float = 1e-4,
 ) -> tuple[float, float]:
     """Median seconds of (onnxbn.reference, onnx.reference) after checking they agree."""
     ours = Interpreter(model)
@@ -161,7 +179,7 @@ def compare(
     got = ours.run(feeds)
     want = theirs.run(None, feeds)
     for name, a, b in zip(ours.output_names, got, want):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=f"output {name!r}")
+        np.testing.assert_allclose(a, b, rtol=tolerance, atol=tolerance, err_msg=f"output {name!r}")
     ours_s, theirs_s = median_seconds(
         [lambda: ours.run(feeds), lambda: theirs.run(None, feeds)], repeats
     )
@@ -184,19 +202,55 @@ def random_feeds(model: onnx.ModelProto, dim: int, rng: np.random.Generator) -> 
     return feeds
 
 
+def export_cases(layout: str) -> tuple[list[tuple[str, onnx.ModelProto, dict]], str]:
+    """The three exports of one `onnxbn.benchmark.LAYOUTS` layout, with their feeds."""
+    shape, axis = benchmark.LAYOUTS[layout]
+    rng = np.random.default_rng(0)
+    channels = shape[axis]
+    x = (1e4 + rng.standard_normal(shape)).astype(np.float32)
+    mask = rng.random(shape[:-1]) < 0.8
+    weights = {
+        "scale": rng.uniform(0.5, 1.5, channels),
+        "bias": rng.standard_normal(channels),
+        "mean": 1e4 + rng.standard_normal(channels) * 0.1,
+        "var": rng.uniform(0.5, 2.0, channels),
+    }
+    state = {
+        "bn/moving_mean": weights["mean"].astype(np.float32),
+        "bn/moving_variance": weights["var"].astype(np.float32),
+    }
+    feeds = {
+        "inference": {"x": x},
+        "training": {"x": x, **state},
+        "masked": {"x": x, "mask": mask, **state},
+    }
+    exports = benchmark.onnxbn_exports(shape, axis, weights)
+    cases = [(f"export: {mode}", exports[mode], feeds[mode]) for mode in feeds]
+    return cases, LAYOUT_LABELS[layout]
+
+
 def _row(label: str, shape: str, ours: float, theirs: float) -> str:
     return f"| {label:<34} | {shape:<17} | {ours * 1e3:10.3f} | {theirs * 1e3:14.3f} | {theirs / ours:6.1f}x |"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=20, help="timed runs per case (median)")
+    parser.add_argument("--repeats", type=int, default=20, help="timed runs on small shapes")
+    parser.add_argument("--large-repeats", type=int, default=5, help="timed runs on large shapes")
+    parser.add_argument(
+        "--layouts", default=",".join(benchmark.LAYOUTS), help="comma-separated export layouts"
+    )
+    parser.add_argument("--synthetic", action="store_true", help="also the hand-built graphs")
     parser.add_argument("--model", help="benchmark this .onnx file instead of the built-in graphs")
     parser.add_argument("--dim", type=int, default=8, help="size of dynamic dims for --model")
     parser.add_argument("--nodes", type=int, default=200, help="chain length for the overhead case")
     args = parser.parse_args()
-    repeats = max(args.repeats, 1)
-    print(f"medians over {repeats} runs; numpy {np.__version__}, onnx {onnx.__version__}")
+    small = max(args.repeats, MIN_SMALL_REPEATS)
+    large = max(args.large_repeats, MIN_LARGE_REPEATS)
+    print(
+        f"medians over {small} runs (small) / {large} runs (large), engines interleaved; "
+        f"numpy {np.__version__}, onnx {onnx.__version__}"
+    )
     print(
         "| graph                              | shape             | ours (ms)  | onnx.ref (ms)  | ratio   |"
     )
@@ -208,21 +262,30 @@ def main() -> None:
         model = onnx.load(args.model)
         feeds = random_feeds(model, args.dim, rng)
         shapes = ", ".join(f"{n}{list(v.shape)}" for n, v in feeds.items())
-        print(_row(args.model, shapes[:17], *compare(model, feeds, repeats)))
+        print(_row(args.model, shapes[:17], *compare(model, feeds, small)))
         return
-    for shape_name, shape in SHAPES.items():
-        x = {"x": rng.normal(size=shape).astype(np.float32)}
-        cases = [
-            ("inference: Mul+Add scale/shift", scale_shift(shape)),
-            ("inference: BatchNormalization op", batchnorm_op(shape, training=False)),
-            ("training: decomposed, with state", training_graph(shape)),
-            ("training: BatchNormalization op", batchnorm_op(shape, training=True)),
-        ]
-        for label, model in cases:
-            print(_row(label, shape_name, *compare(model, x, repeats)), flush=True)
+    for layout in args.layouts.split(","):
+        cases, shape_name = export_cases(layout)
+        repeats = small if layout == "small" else large
+        for label, model, feeds in cases:
+            # x = 1e4 + noise: y is O(1) after removing a 1e4 mean, so compare loosely.
+            ours, theirs = compare(model, feeds, repeats, tolerance=2e-3)
+            print(_row(label, shape_name, ours, theirs), flush=True)
+    if args.synthetic:
+        for shape_name, shape in SHAPES.items():
+            x = {"x": rng.normal(size=shape).astype(np.float32)}
+            repeats = small if math.prod(shape) < 1 << 16 else large
+            cases = [
+                ("inference: Mul+Add scale/shift", scale_shift(shape)),
+                ("inference: BatchNormalization op", batchnorm_op(shape, training=False)),
+                ("training: decomposed, with state", training_graph(shape)),
+                ("training: BatchNormalization op", batchnorm_op(shape, training=True)),
+            ]
+            for label, model in cases:
+                print(_row(label, shape_name, *compare(model, x, repeats)), flush=True)
     count = args.nodes
     chain = identity_add_chain((8, 16), count)
-    ours, theirs = compare(chain, {"x": np.ones((8, 16), np.float32)}, repeats)
+    ours, theirs = compare(chain, {"x": np.ones((8, 16), np.float32)}, small)
     print(_row(f"{count} Identity/Add nodes", "8x16", ours, theirs))
     print(
         f"\nper-node overhead on 8x16: ours {ours / count * 1e6:.2f} us, "

@@ -8,8 +8,9 @@ saves them (and the memory). The decision is static and conservative:
   input, a constant or a view of either), and is not a graph output;
 - every reader of `t` is an op that never returns a view or alias of its
   inputs, so no other value shares `t`'s memory;
-- the donating node is the last reader and an element-wise ufunc op; at run
-  time it only writes into `t` if the result has `t`'s shape and dtype.
+- the donating node is the last reader and an element-wise ufunc op (at run
+  time it only writes into `t` if the result has `t`'s shape and dtype), or an
+  inference BatchNormalization reading `t` as X (it normalizes `t` in place).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+
+from onnxbn.reference.kernels.normalization import inference_into
 
 # Element-wise ops that can compute into an input: op type -> ufunc (float inputs).
 DONATING_UFUNCS: dict[str, np.ufunc] = {
@@ -66,6 +69,12 @@ _REDUCTIONS = frozenset(
     }
 )
 
+# Other ops that can compute into an input: op type -> (function, the one input position).
+# The function takes the node's arguments and returns its results, or None to decline.
+IN_PLACE_KERNELS: dict[str, tuple[Callable[..., tuple | None], int]] = {
+    "BatchNormalization": (inference_into, 0),
+}
+
 # Below this many elements a fresh allocation is cheaper than the checks.
 MIN_DONATION_SIZE = 1 << 16
 
@@ -78,10 +87,30 @@ def _never_aliases(op_type: str, kwargs: dict[str, Any]) -> bool:
 
 
 def donating(
-    ufunc: np.ufunc, fallback: Callable[..., tuple], positions: Sequence[int]
+    how: np.ufunc | Callable[..., tuple | None],
+    fallback: Callable[..., tuple],
+    positions: Sequence[int],
 ) -> Callable[..., tuple]:
     """`fallback` (the kernel), except that it computes into `args[i]` for the first
-    `i` in `positions` whose shape and dtype the result would have."""
+    `i` in `positions` whose shape and dtype the result would have.
+
+    `how` is the op's ufunc, or an `IN_PLACE_KERNELS` function (which decides itself
+    whether it can write into its input and returns None when not)."""
+    if not isinstance(how, np.ufunc):
+        (position,) = positions
+
+        def in_place(*args: np.ndarray, **kwargs: Any) -> tuple:
+            buffer = args[position]
+            if buffer.size >= MIN_DONATION_SIZE:
+                result = how(*args, **kwargs)
+                if result is not None:
+                    return result
+            return fallback(*args, **kwargs)
+
+        in_place.__name__ = f"{fallback.__name__}_in_place"
+        return in_place
+
+    ufunc = how
 
     def fn(*args: np.ndarray) -> tuple:
         for i in positions:
@@ -100,9 +129,7 @@ def donating(
     return fn
 
 
-def plan_donations(
-    steps: Sequence[Any], keep: set[str]
-) -> dict[int, tuple[np.ufunc, tuple[int, ...]]]:
+def plan_donations(steps: Sequence[Any], keep: set[str]) -> dict[int, tuple[Any, tuple[int, ...]]]:
     """Which steps may write into which of their input positions.
 
     Args:
@@ -110,7 +137,7 @@ def plan_donations(
         keep: names that must survive the run (graph outputs).
 
     Returns:
-        `{step index: (ufunc, input positions)}`.
+        `{step index: (ufunc or IN_PLACE_KERNELS function, input positions)}`.
     """
     producer: dict[str, int] = {}
     readers: dict[str, list[int]] = {}
@@ -128,8 +155,21 @@ def plan_donations(
             continue
         last = reading[-1]
         consumer = steps[last]
-        if consumer.op_type not in DONATING_UFUNCS or consumer.inputs.count(name) != 1:
+        if consumer.inputs.count(name) != 1:
+            continue
+        position = consumer.inputs.index(name)
+        if consumer.op_type in IN_PLACE_KERNELS:
+            if IN_PLACE_KERNELS[consumer.op_type][1] != position:
+                continue
+        elif consumer.op_type not in DONATING_UFUNCS:
             continue
         if all(_never_aliases(steps[r].op_type, steps[r].kwargs) for r in reading):
-            plan.setdefault(last, []).append(consumer.inputs.index(name))
-    return {i: (DONATING_UFUNCS[steps[i].op_type], tuple(sorted(p))) for i, p in plan.items()}
+            plan.setdefault(last, []).append(position)
+    result: dict[int, tuple[Any, tuple[int, ...]]] = {}
+    for i, positions in plan.items():
+        op_type = steps[i].op_type
+        if op_type in IN_PLACE_KERNELS:
+            result[i] = (IN_PLACE_KERNELS[op_type][0], tuple(positions))
+        else:
+            result[i] = (DONATING_UFUNCS[op_type], tuple(sorted(positions)))
+    return result

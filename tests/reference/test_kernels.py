@@ -329,3 +329,29 @@ def test_float32_statistics_over_millions_of_rows_do_not_drift(op):
             "ReduceSumSquare": (exact**2).sum(axis=0),
         }[op]
     np.testing.assert_allclose(got, expected, rtol=3e-7, atol=0)
+
+
+@pytest.mark.parametrize(
+    "shape, axes",
+    [
+        ((32, 16, 28, 28), (0, 2, 3)),  # NCHW channel statistics: trailing runs
+        ((32, 16, 28, 28), (3,)),
+        ((3, 10001), (1,)),  # a run longer than one chunk, with a tail
+        ((3, 10001), (0, 1)),
+        ((2**14, 64), (0,)),  # channels-last: groups of rows
+        ((4099, 33), (0,)),  # with a tail of rows
+        ((2**16, 3), (0,)),  # narrow rows: the pairwise tree
+        ((40, 300, 7), (1,)),  # another layout: the float64 path
+    ],
+)
+@pytest.mark.parametrize("square", [False, True])
+@pytest.mark.parametrize("keepdims", [False, True])
+def test_float_sum_matches_float64(shape, axes, square, keepdims):
+    from onnxbn.reference.kernels.summation import float_sum
+
+    x = (3 + np.random.default_rng(16).standard_normal(shape, dtype=np.float32)).astype(np.float32)
+    exact = x.astype(np.float64)
+    expected = np.add.reduce(exact * exact if square else exact, axis=axes, keepdims=keepdims)
+    got = float_sum(x, axes, keepdims, square)
+    assert got.dtype == np.float64 and got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=3e-7, atol=0)

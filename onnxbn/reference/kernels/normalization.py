@@ -26,6 +26,7 @@ import numpy as np
 
 from onnxbn.reference.kernels.precision import as_array, compute_dtype
 from onnxbn.reference.kernels.reduction import sum_of_squares
+from onnxbn.reference.kernels.summation import float_sum
 from onnxbn.reference.kernels.table import kernel
 
 
@@ -68,7 +69,8 @@ def _normalize_into(
 ) -> np.ndarray:
     """y = (x - mean) * scale / sqrt(var + epsilon) + bias, per channel.
 
-    With `x=None`, `y` already holds x - mean and is scaled and shifted in place.
+    With `x=None`, `y` already holds x - mean and is scaled and shifted in place;
+    with `mean=None` the mean is zero.
     """
     work = y.dtype
     channel = _channel_shape(y)
@@ -81,9 +83,13 @@ def _normalize_into(
     step = max(1, _BLOCK_ELEMENTS // per_sample)
     for start in range(0, len(y), step):
         block = y[start : start + step]
-        if x is not None:
+        if x is None:
+            block *= factor
+        elif mean is None:
+            np.multiply(x[start : start + step], factor, out=block)
+        else:
             np.subtract(x[start : start + step], mean, out=block)
-        block *= factor
+            block *= factor
         block += shift
     return y
 
@@ -92,8 +98,36 @@ def _inference(X, scale, B, input_mean, input_var, epsilon) -> np.ndarray:
     _check(X, scale=scale, B=B, input_mean=input_mean, input_var=input_var)
     x = X.astype(_work_dtype(X), copy=False)
     mean = input_mean.astype(x.dtype, copy=False).reshape(_channel_shape(x))
+    if not mean.any():
+        # x - 0 is x (signed zeros and NaN included): one pass fewer per block.
+        mean = None
     y = _normalize_into(np.empty_like(x), x, mean, scale, B, input_var, epsilon)
     return as_array(y, X.dtype)
+
+
+def inference_into(
+    X: np.ndarray,
+    scale: np.ndarray,
+    B: np.ndarray,
+    input_mean: np.ndarray,
+    input_var: np.ndarray,
+    *,
+    epsilon: float = 1e-5,
+    momentum: float = 0.9,
+    training_mode: int = 0,
+    _num_node_outputs: int = 1,
+) -> tuple[np.ndarray] | None:
+    """Inference BatchNormalization written into X (which the caller gives up), or
+    `None` when the node trains or X's type needs a separate output."""
+    if training_mode or _num_node_outputs != 1 or X.dtype.kind != "f":
+        return None
+    if compute_dtype(X.dtype) != X.dtype or not X.flags.writeable or not X.flags.c_contiguous:
+        return None
+    _check(X, scale=scale, B=B, input_mean=input_mean, input_var=input_var)
+    mean = input_mean.astype(X.dtype, copy=False).reshape(_channel_shape(X))
+    if not mean.any():
+        mean = None
+    return (_normalize_into(X, X, mean, scale, B, input_var, epsilon),)
 
 
 def _training(X, scale, B, input_mean, input_var, epsilon, momentum) -> tuple:
@@ -104,7 +138,7 @@ def _training(X, scale, B, input_mean, input_var, epsilon, momentum) -> tuple:
     # Statistics accumulate in float64. Two passes (mean, then squared
     # deviations): no cancellation. The deviations become Y in place, so the
     # whole op allocates one X-sized array.
-    batch_mean = np.add.reduce(x, axis=axes, dtype=np.float64) / count
+    batch_mean = float_sum(x, axes) / count
     centered = x - batch_mean.astype(x.dtype).reshape(_channel_shape(x))
     batch_var = sum_of_squares(centered, axes) / count
     y = as_array(_normalize_into(centered, None, None, scale, B, batch_var, epsilon), X.dtype)

@@ -5,21 +5,19 @@ ArgMax and ArgMin.
 ReduceSum, 18 for the others). No axes reduces every axis, unless
 `noop_with_empty_axes=1`, which returns the input unchanged. Float sums,
 means and products accumulate in float64 (NumPy adds outer axes one row at a
-time, so float32 accumulation over millions of rows drifts by percents);
+time, so float32 accumulation over millions of rows drifts by percents); float32
+sums do so without a float64 copy of the data (`summation.float_sum`);
 integers sum in (at least) their own width and average in float64. The result
 is cast back to the input's type.
 """
 
 from __future__ import annotations
 
-import functools
-import math
 from collections.abc import Callable
 
 import numpy as np
 
 from onnxbn.reference.kernels.precision import (
-    LOW_PRECISION,
     accumulation_dtype,
     as_array,
     float_compute_dtype,
@@ -27,6 +25,7 @@ from onnxbn.reference.kernels.precision import (
     is_float,
     normalize_axes,
 )
+from onnxbn.reference.kernels.summation import float_mean, float_sum
 from onnxbn.reference.kernels.table import kernel
 
 
@@ -38,39 +37,21 @@ def _resolve_axes(data: np.ndarray, axes: list[int] | None, noop: int, op: str) 
 
 
 def _sum(data: np.ndarray, axes: tuple, keepdims: bool) -> np.ndarray:
+    if is_float(data.dtype):
+        return float_sum(data, axes, keepdims)
     return np.add.reduce(data, axis=axes, dtype=accumulation_dtype(data.dtype), keepdims=keepdims)
 
 
 def _mean(data: np.ndarray, axes: tuple, keepdims: bool) -> np.ndarray:
-    total = np.add.reduce(data, axis=axes, dtype=np.float64, keepdims=keepdims)
-    count = math.prod(data.shape[a] for a in axes)
     # 0 / 0 is NaN: the mean of an empty set, as the spec's sum / count gives.
-    return np.true_divide(total, np.float64(count))
-
-
-# Elements per block of leading-axis slices: each block's squares stay in cache.
-_BLOCK_ELEMENTS = 1 << 16
+    return float_mean(data, axes, keepdims)
 
 
 def sum_of_squares(x: np.ndarray, axes: tuple[int, ...], keepdims: bool = False) -> np.ndarray:
-    """Sum of x * x over `axes`, accumulated in float64 for floats.
-
-    Squares are formed block by block along axis 0, so no x-sized temporary
-    exists and each block's squares are summed while still in cache.
-    """
-    work = x.astype(np.float32) if x.dtype in LOW_PRECISION else x
-    if not is_float(work.dtype) or work.ndim == 0 or not len(work):
-        return np.add.reduce(
-            work * work, axis=axes, dtype=accumulation_dtype(work.dtype), keepdims=keepdims
-        )
-    step = max(1, _BLOCK_ELEMENTS // max(work[0].size, 1))
-    parts = [
-        np.add.reduce(np.square(work[i : i + step]), axis=axes, dtype=np.float64, keepdims=keepdims)
-        for i in range(0, len(work), step)
-    ]
-    if 0 in axes:
-        return functools.reduce(np.add, parts)
-    return np.concatenate(parts, axis=0)
+    """Sum of x * x over `axes`, accumulated in float64 for floats (see `float_sum`)."""
+    if is_float(x.dtype):
+        return float_sum(x, axes, keepdims, square=True)
+    return np.add.reduce(x * x, axis=axes, dtype=accumulation_dtype(x.dtype), keepdims=keepdims)
 
 
 def _sum_square(data: np.ndarray, axes: tuple, keepdims: bool) -> np.ndarray:
