@@ -11,11 +11,38 @@ Masked-out positions never reach a sum through a multiplication by the mask
 (0 * NaN = NaN): with the channel before the last axis, the mask is constant
 along that axis, so each row is summed first and Where drops the rows of
 masked-out positions from those partial sums (a tensor `x.shape[-1]` times
-smaller); with the channel last, Where zeroes the shifted data itself.
+smaller); with the channel last, a Gather replaces every masked-out row of the
+shifted data by a copy of the first valid row, which the mask weights of the
+MatMuls then multiply by 0.
 
 Accumulation is float32 in onnxruntime's MatMul/ReduceSum kernels, whose long
 sums stagnate: beyond ~10^7 elements per channel the variance loses digits
 (about 1e-3 relative at 2^25 elements in one channel of a rank-2 input).
+
+Measured on onnxruntime 1.32 CPU, 1 thread, 2-core VM (paired interleaved runs,
+median ratio of new to old time; whole exports unless said otherwise):
+
+- masked channels last, Gather of rows + weighted MatMuls against Where over
+  the data: 0.85 (NHWC 32x56x56x64), 0.82 (2-D 4096x1024); onnxruntime's Where
+  with a row mask broadcast along the channels costs 2.3-3.9x a memcpy, its
+  Gather of the same rows 0.95-1.7x (Compress would be 0.9x, NonZero + Gather
+  1.2x, but the reference interpreter has neither);
+- masked channel-inner shift from the first valid row (ArgMax of the mask,
+  Gather of one row per channel) against a Slice of `x[..., 0]` (a strided
+  read, 3 ms of 22 on NCHW 32x64x56x56): 0.83;
+- head mean by MatMul with a `1/k` vector instead of ReduceMean over rows:
+  0.50 against 0.87 ms on a 1024x1024 head (static row count only: with a
+  dynamic one it would add four nodes to every graph);
+- not adopted: `x - shift` by the native node (scale 1, variance 1, epsilon 0;
+  bit for bit a Sub) 0.95x a broadcasting Sub on (100352, 64), 1.05x on
+  (4096, 1024), 1.07x on NCHW; Σd² on NCHW by ReduceSumSquare 1.65-1.8x
+  memcpy (a scalar loop), Mul + ReduceSum 1.6-1.9x, ReduceL2 1.65x, batched
+  MatMul of `(R, 1, HW)` by `(R, HW, 1)` row views 4.8-5.6x, Einsum 5.2-7.6x,
+  GlobalLpPool(p=2) 27x, LayerNormalization's Mean/InvStdDev outputs 1.9x
+  (opset 17+, and it writes a normalized copy), against ReduceSum's 0.57x for
+  Σd; a `(2, M)` left operand in one MatMul 1.9-2.1x against 0.5-0.6x for a
+  ones vector; the mean and variance finished by Div instead of Reciprocal +
+  Mul (one node fewer): no difference measurable on 8x16.
 """
 
 from __future__ import annotations
@@ -23,6 +50,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
+from onnx import numpy_helper
 
 from onnxbn.layers.moments import MASK_EPSILON
 from onnxbn.lowering import emit
@@ -32,14 +60,22 @@ from onnxbn.lowering.context import LoweringContext, Value
 # the mean, the less float32 sums of the shifted data drift (2^25 elements in one
 # channel: mean error 3e-6 relative with 16 samples, 3e-7 with 1024).
 SHIFT_SAMPLES = 1024
-# Masked channels-last sums: False = Where over the shifted data (portable,
-# the default); True = mask weights in the MatMul with an If that recomputes
-# with Where only when the sums are not finite (about one element-wise pass
-# faster on onnxruntime, but needs If, which not every runtime implements).
+# Masked channels-last sums: False = MASKED_ROWS below (portable, the default);
+# True = mask weights in the MatMul with an If that recomputes with Where only
+# when the sums are not finite (about one element-wise pass faster than Where
+# on onnxruntime, but needs If, which not every runtime implements).
 MASKED_IF_FAST_PATH = False
 # How Σd² is reduced when the channel is not the last axis (see scripts/bench.py):
 # onnxruntime's ReduceSumSquare over the inner block, or Mul then ReduceSum.
 SQUARES_INNER = "ReduceSumSquare"  # or "Mul+ReduceSum"
+# Masked channels-last sums: "Gather" (masked-out rows replaced by a valid one,
+# then weighted MatMuls) or "Where" (masked-out rows zeroed).
+MASKED_ROWS = "Gather"
+# Masked shift, channel not last: "Gather" (the first valid row of each channel)
+# or "Slice" (every valid element of x[..., 0]).
+MASKED_HEAD = "Gather"
+# Mean of the head rows (channels last, static shape): "MatMul" or "ReduceMean".
+HEAD_MEAN = "MatMul"
 
 
 class Moments(NamedTuple):
@@ -126,11 +162,10 @@ def _zeroed(ctx, valid: Value, x: Value, label: str, rank: int) -> Value:
 
 
 def _sums_channel_last(ctx: LoweringContext, x: Value, valid: Value | None):
-    """Channel on the last axis: element-wise work in `x`'s shape, sums by MatMul.
+    """Channel on the last axis: everything on the free `(M, C)` view, sums by MatMul.
 
-    The shifted data, viewed as `(M, C)` (a free Reshape), is reduced by a
-    ones vector: onnxruntime's ReduceSum over the leading axes of a
-    channels-last tensor runs several times slower than this MatMul.
+    onnxruntime's ReduceSum over the leading axes of a channels-last tensor runs
+    several times slower than a MatMul by a ones vector (or a weights vector).
     """
     dtype, channels = x.dtype, x.shape[-1]
     rows = emit.static_product(x.shape[:-1])
@@ -146,13 +181,11 @@ def _sums_channel_last(ctx: LoweringContext, x: Value, valid: Value | None):
             [x2, emit.ints(ctx, [0], "start"), emit.ints(ctx, [SHIFT_SAMPLES], "end"), axis0],
             label="head",
         )
-        # An empty batch gives a NaN shift; its statistics are discarded anyway.
-        shift = emit.reduce(
-            ctx, "ReduceMean", head, [0], keepdims=False, label="shift", shape=(channels,)
-        )
+        shift = _head_mean(ctx, head, rows, channels)
     else:
         flat = emit.reshape(ctx, valid, [rows], "valid_rows")
-        n = emit.reduce(ctx, "ReduceSum", emit.cast(ctx, flat, dtype), [0], keepdims=True)
+        weights = emit.cast(ctx, flat, dtype, label="weights")
+        n = emit.reduce(ctx, "ReduceSum", weights, [0], keepdims=True, label="count")
         # SHIFT_SAMPLES rows from the first valid one; an extra 1 keeps ArgMax
         # defined on an empty batch (the slice is then empty and the shift 0).
         marks = ctx.op(
@@ -181,20 +214,86 @@ def _sums_channel_last(ctx: LoweringContext, x: Value, valid: Value | None):
             ctx, "ReduceSum", emit.cast(ctx, head_valid, dtype), [0], keepdims=False
         )
         shift = _safe_mean(ctx, total, taken)
-    d = ctx.op("Sub", [x, shift], label="shifted", shape=x.shape)
-    ones = emit.constant_of_shape(ctx, row_count, 1.0, dtype)
-    if valid is not None and not MASKED_IF_FAST_PATH:
-        s1, s2 = _where_row_sums(ctx, x, d, valid, ones)
-        return d, shift, s1, s2, n
-    squares = ctx.op("Mul", [d, d], label="squares", shape=x.shape)
-    d2 = d if x.rank == 2 else emit.reshape(ctx, d, [rows, channels], "shifted_rows")
-    squares2 = squares if x.rank == 2 else emit.reshape(ctx, squares, [rows, channels], "sq_rows")
+    d2 = ctx.op("Sub", [x2, shift], label="shifted", shape=x2.shape)
+    d = d2 if x.rank == 2 else emit.reshape_like(ctx, d2, x, "shifted")
     if valid is None:
+        ones = emit.constant_of_shape(ctx, row_count, 1.0, dtype)
+        squares = ctx.op("Mul", [d2, d2], label="squares", shape=d2.shape)
         s1 = ctx.op("MatMul", [ones, d2], label="sum", shape=(channels,))
-        s2 = ctx.op("MatMul", [ones, squares2], label="sum_sq", shape=(channels,))
+        s2 = ctx.op("MatMul", [ones, squares], label="sum_sq", shape=(channels,))
+    elif MASKED_IF_FAST_PATH:
+        ones = emit.constant_of_shape(ctx, row_count, 1.0, dtype)
+        squares = ctx.op("Mul", [d2, d2], label="squares", shape=d2.shape)
+        s1, s2 = _masked_row_sums(ctx, x, d, d2, squares, valid, flat, ones)
+    elif MASKED_ROWS == "Gather":
+        s1, s2 = _gathered_row_sums(ctx, d2, flat, weights, start, row_count)
     else:
-        s1, s2 = _masked_row_sums(ctx, x, d, d2, squares2, valid, flat, ones)
+        ones = emit.constant_of_shape(ctx, row_count, 1.0, dtype)
+        s1, s2 = _where_row_sums(ctx, x, d, valid, ones)
     return d, shift, s1, s2, n
+
+
+def _head_mean(ctx, head: Value, rows: int | None, channels: int) -> Value:
+    """Per-column mean of the leading rows `head` (`(k, C)`, k = min(rows, SHIFT_SAMPLES)).
+
+    With a static row count, a MatMul by a `1/k` vector: onnxruntime's
+    ReduceMean over the leading axis is about twice as slow.
+    An empty batch gives a NaN (ReduceMean) or 0 (MatMul) shift; its statistics
+    are discarded anyway.
+    """
+    if rows is None or HEAD_MEAN != "MatMul":
+        return emit.reduce(
+            ctx, "ReduceMean", head, [0], keepdims=False, label="shift", shape=(channels,)
+        )
+    k = min(rows, SHIFT_SAMPLES)
+    weights = emit.constant_of_shape(
+        ctx, emit.ints(ctx, [k], "head_rows"), 1.0 / max(k, 1), head.dtype
+    )
+    return ctx.op("MatMul", [weights, head], label="shift", shape=(channels,))
+
+
+def _index(ctx, value: int) -> Value:
+    """A rank-0 int64 constant (a Constant node: initializers here are at least 1-D)."""
+    tensor = numpy_helper.from_array(np.asarray(value, np.int64), "value")
+    return ctx.op("Constant", [], dtype="int64", shape=(), label="index", value=tensor)
+
+
+def _gathered_row_sums(
+    ctx, d2: Value, flat: Value, weights: Value, start: Value, row_count: Value
+) -> tuple[Value, Value]:
+    """Σ valid d and Σ valid d² over the rows of `d2` `(M, C)`, by Gather and weighted MatMuls.
+
+    Every masked-out row is replaced by a copy of the first valid row (a Gather
+    of row indices), so the data the weights multiply holds no value of a
+    masked-out position: NaN or Inf there cannot leak (0 * NaN = NaN). A batch
+    without a valid row gives sums of 0, like Keras's. onnxruntime's Gather of
+    rows costs about one copy, its Where over the data (row mask broadcast
+    along the channels) two to four.
+    """
+    dtype, channels = d2.dtype, d2.shape[-1]
+    positions = ctx.op(
+        "Range",
+        [_index(ctx, 0), ctx.op("Squeeze", [row_count, emit.ints(ctx, [0], "axes")]),
+         _index(ctx, 1)],
+        dtype="int64",
+        label="positions",
+    )  # fmt: skip
+    # `start` is M (out of range) when no row is valid: the rows then stay in place.
+    some = ctx.op("Less", [start, row_count], dtype="bool", label="some_valid")
+    first = ctx.op(
+        "Where", [some, start, emit.ints(ctx, [0], "row")], dtype="int64", label="substitute"
+    )
+    index = ctx.op("Where", [flat, positions, first], dtype="int64", label="row_index")
+    kept = ctx.op("Gather", [d2, index], label="kept", shape=d2.shape, axis=0)
+    kept_sq = ctx.op("Mul", [kept, kept], label="kept_squares", shape=d2.shape)
+    zero = emit.scalar(ctx, 0.0, dtype, "zero")
+    sums = []
+    for data, label in ((kept, "sum"), (kept_sq, "sum_sq")):
+        total = ctx.op("MatMul", [weights, data], label=label, shape=(channels,))
+        sums.append(
+            ctx.op("Where", [some, total, zero], dtype=dtype, label=label, shape=(channels,))
+        )
+    return sums[0], sums[1]
 
 
 def _where_row_sums(ctx, x: Value, d: Value, valid: Value, ones: Value) -> tuple[Value, Value]:
@@ -267,22 +366,24 @@ def _sums_channel_inner(ctx: LoweringContext, x: Value, axis: int, valid: Value 
     dtype, last = x.dtype, x.rank - 1
     axes = [a for a in range(x.rank) if a != axis]
     if valid is not None:
+        shift = _first_valid_row_mean(ctx, x, axis, valid) if MASKED_HEAD == "Gather" else None
         valid = ctx.op(
             "Unsqueeze", [valid, emit.ints(ctx, [-1], "axes")], dtype="bool", label="valid_e"
         )
-        # The mask is constant along the last axis, so its first slice holds a
-        # valid element of every channel that has one.
-        head = ctx.op(
-            "Slice",
-            [x, emit.ints(ctx, [0], "start"), emit.ints(ctx, [1], "end"),
-             emit.ints(ctx, [last], "axes")],
-            label="head",
-        )  # fmt: skip
         taken = emit.reduce(ctx, "ReduceSum", emit.cast(ctx, valid, dtype), axes, keepdims=True)
-        total = emit.reduce(
-            ctx, "ReduceSum", _zeroed(ctx, valid, head, "head", x.rank), axes, keepdims=True
-        )
-        shift = _safe_mean(ctx, total, taken)
+        if shift is None:
+            # The mask is constant along the last axis, so its first slice holds a
+            # valid element of every channel that has one.
+            head = ctx.op(
+                "Slice",
+                [x, emit.ints(ctx, [0], "start"), emit.ints(ctx, [1], "end"),
+                 emit.ints(ctx, [last], "axes")],
+                label="head",
+            )  # fmt: skip
+            total = emit.reduce(
+                ctx, "ReduceSum", _zeroed(ctx, valid, head, "head", x.rank), axes, keepdims=True
+            )
+            shift = _safe_mean(ctx, total, taken)
         width = x.shape[last]
         if width is None:
             width_v = emit.cast(ctx, emit.shape_of(ctx, x, last, last + 1), dtype)
@@ -309,6 +410,88 @@ def _sums_channel_inner(ctx: LoweringContext, x: Value, axis: int, valid: Value 
         squares = ctx.op("Mul", [d, d], label="squares", shape=x.shape)
         s2 = _inner_sum(ctx, "ReduceSum", squares, axis, valid, "sum_sq")
     return d, shift, s1, s2, n
+
+
+def _first_valid_row_mean(ctx, x: Value, axis: int, valid: Value) -> Value | None:
+    """Channel not last, masked: mean of the first valid last-axis row of each channel.
+
+    `x` viewed as `(B, C, A, W)` (the mask is `(B, C, A)`, constant along `W`):
+    per channel, the first `b` with a valid position and the first valid `a`
+    there (ArgMax of the mask, two levels), then a Gather of that row of `W`
+    elements (up to SHIFT_SAMPLES of them are averaged); 0 for a channel without
+    valid data. A Slice of `x[..., 0]` instead reads a strided element of every
+    row, about as slow as a pass over the data. None when a dim after the
+    channel is dynamic or empty.
+    """
+    channels, width = x.shape[axis], x.shape[-1]
+    before = emit.static_product(x.shape[:axis])
+    inner = emit.static_product(x.shape[axis + 1 : -1])
+    if not inner or not width:
+        return None
+    mask3 = emit.reshape(ctx, valid, [before, channels, inner], "valid_blocks")
+    marks = emit.cast(ctx, mask3, "int32", label="marks")
+    first_a = ctx.op("ArgMax", [marks], dtype="int64", label="first_a", axis=2, keepdims=1)
+    has = emit.reduce(ctx, "ReduceMax", marks, [2], keepdims=True, label="has_valid")
+    # A sentinel block keeps ArgMax defined on an empty batch: first_b = B means none.
+    sentinel = ctx.constant(np.ones((1, channels, 1), np.int32), "sentinel")
+    has = ctx.op("Concat", [has, sentinel], label="has_valid", axis=0)
+    first_b = ctx.op("ArgMax", [has], dtype="int64", label="first_b", axis=0, keepdims=1)
+    if before is None:
+        blocks = emit.shape_of(ctx, mask3, 0, 1)
+        count_b = ctx.op("Squeeze", [blocks, emit.ints(ctx, [0], "axes")], label="blocks")
+    else:
+        blocks, count_b = emit.ints(ctx, [before], "blocks"), _index(ctx, before)
+    some = ctx.op("Less", [first_b, blocks], dtype="bool", label="some_valid")
+    b_index = ctx.op("Range", [_index(ctx, 0), count_b, _index(ctx, 1)], label="b_index")
+    b_index = emit.reshape(ctx, b_index, [before, 1, 1], "b_index")
+    picked = ctx.op("Equal", [b_index, first_b], dtype="bool", label="picked")
+    zero = ctx.constant(np.zeros((1, 1, 1), np.int64), "zero")
+    a_at = emit.reduce(
+        ctx, "ReduceSum", ctx.op("Where", [picked, first_a, zero], dtype="int64"), [0],
+        keepdims=True, label="a_at",
+    )  # fmt: skip
+    # Row (b * C + c) * A + a of the (B * C * A, W) view; 0 where no row is valid,
+    # and no row at all (an empty gather) on an empty batch.
+    channel_rows = ctx.constant(np.arange(channels).reshape(1, channels, 1) * inner, "rows")
+    row = ctx.op(
+        "Add",
+        [ctx.op("Mul", [first_b, emit.ints(ctx, [channels * inner], "stride")]),
+         ctx.op("Add", [channel_rows, a_at])],
+        label="row",
+    )  # fmt: skip
+    row = ctx.op("Where", [some, row, zero], dtype="int64", label="row")
+    taken_rows = ctx.op(
+        "Mul",
+        [ctx.op("Min", [blocks, emit.ints(ctx, [1], "one")]), emit.ints(ctx, [channels], "c")],
+    )
+    row = ctx.op(
+        "Slice",
+        [emit.reshape(ctx, row, [channels], "row"), emit.ints(ctx, [0], "start"), taken_rows],
+        label="row",
+    )
+    rows_view = emit.reshape(ctx, x, [None, width], "rows")
+    head = ctx.op("Gather", [rows_view, row], axis=0, label="head")
+    if width > SHIFT_SAMPLES:
+        head = ctx.op(
+            "Slice",
+            [head, emit.ints(ctx, [0], "start"), emit.ints(ctx, [SHIFT_SAMPLES], "end"),
+             emit.ints(ctx, [1], "axes")],
+            label="head",
+        )  # fmt: skip
+    mean = emit.reduce(ctx, "ReduceMean", head, [1], keepdims=False, label="head_mean")
+    # (C,) in every case: the empty batch's (0,) mean is padded with zeros.
+    padded = ctx.op("Concat", [mean, ctx.constant(np.zeros(channels), "zeros", x.dtype)], axis=0)
+    mean = ctx.op(
+        "Slice", [padded, emit.ints(ctx, [0], "start"), emit.ints(ctx, [channels], "end")]
+    )
+    zero_f = ctx.constant(np.zeros(1), "zero", x.dtype)
+    shift = ctx.op(
+        "Where",
+        [emit.reshape(ctx, some, [channels], "some"), mean, zero_f],
+        dtype=x.dtype,
+        label="shift",
+    )
+    return emit.reshape(ctx, shift, [channels] + [1] * (x.rank - 1 - axis), "shift")
 
 
 def _inner_sum(ctx, op_type: str, x: Value, axis: int, valid: Value | None, label: str) -> Value:
