@@ -130,3 +130,16 @@ def test_subtract_node_is_exact():
 
     (d,) = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})
     np.testing.assert_array_equal(d, x - shift)
+
+
+@pytest.mark.parametrize("shape,axis", [((4, 3, 5, 40), 1), ((2, 3, 4, 2, 33), 1), ((3, 4, 64), 0)])
+def test_squares_over_the_last_axis_first(shape, axis):
+    """Channel not last with rows of SQUARES_LAST_AXIS_MIN or more: two-level Σd²."""
+    from onnxbn.lowering import moments
+
+    assert shape[-1] >= moments.SQUARES_LAST_AXIS_MIN
+    rng = np.random.default_rng(SEED)
+    _check(shape, axis, None, newest_opset())
+    _check(shape, axis, None, MIN_OPSET)
+    x = (1e4 + rng.standard_normal(shape)).astype(np.float32)
+    _check(shape, axis, None, newest_opset(), x=x)
