@@ -27,6 +27,10 @@ median ratio of new to old time; whole exports unless said otherwise):
   with a row mask broadcast along the channels costs 2.3-3.9x a memcpy, its
   Gather of the same rows 0.95-1.7x (Compress would be 0.9x, NonZero + Gather
   1.2x, but the reference interpreter has neither);
+- masked channels-last head (the shift's rows) by the same Gather of row
+  indices and a weighted MatMul, against a Where over the sliced rows and
+  ReduceSum: 0.91 on 2-D 4096x1024 (the head is a quarter of the data there),
+  no change on NHWC;
 - masked channel-inner shift from the first valid row (ArgMax of the mask,
   Gather of one row per channel) against a Slice of `x[..., 0]` (a strided
   read, 3 ms of 22 on NCHW 32x64x56x56): 0.83;
@@ -219,15 +223,25 @@ def _sums_channel_last(ctx: LoweringContext, x: Value, valid: Value | None):
             select_last_index=0,
         )
         end = ctx.op("Add", [start, emit.ints(ctx, [SHIFT_SAMPLES], "samples")], label="end")
-        head = ctx.op("Slice", [x2, start, end, axis0], label="head")
-        valid_col = emit.reshape(ctx, valid, [rows, 1], "valid_col")
-        head_valid = ctx.op("Slice", [valid_col, start, end, axis0], label="head_valid")
-        total = emit.reduce(
-            ctx, "ReduceSum", _zeroed(ctx, head_valid, head, "head", 2), [0], keepdims=False
-        )
-        taken = emit.reduce(
-            ctx, "ReduceSum", emit.cast(ctx, head_valid, dtype), [0], keepdims=False
-        )
+        gathered = MASKED_ROWS == "Gather" and not MASKED_IF_FAST_PATH
+        if gathered:
+            some, index = _valid_row_index(ctx, flat, start, row_count)
+            # The head rows with masked-out ones replaced: weights 0 cannot meet NaN.
+            head_index = ctx.op("Slice", [index, start, end, axis0], label="head_index")
+            head = ctx.op("Gather", [x2, head_index], label="head", axis=0)
+            head_weights = ctx.op("Slice", [weights, start, end, axis0], label="head_weights")
+            total = ctx.op("MatMul", [head_weights, head], label="head_total", shape=(channels,))
+            taken = emit.reduce(ctx, "ReduceSum", head_weights, [0], keepdims=False)
+        else:
+            head = ctx.op("Slice", [x2, start, end, axis0], label="head")
+            valid_col = emit.reshape(ctx, valid, [rows, 1], "valid_col")
+            head_valid = ctx.op("Slice", [valid_col, start, end, axis0], label="head_valid")
+            total = emit.reduce(
+                ctx, "ReduceSum", _zeroed(ctx, head_valid, head, "head", 2), [0], keepdims=False
+            )
+            taken = emit.reduce(
+                ctx, "ReduceSum", emit.cast(ctx, head_valid, dtype), [0], keepdims=False
+            )
         shift = _safe_mean(ctx, total, taken)
     d2 = _shifted_rows(ctx, x, x2, shift)
     d = d2 if x.rank == 2 else emit.reshape_like(ctx, d2, x, "shifted")
@@ -240,8 +254,8 @@ def _sums_channel_last(ctx: LoweringContext, x: Value, valid: Value | None):
         ones = emit.constant_of_shape(ctx, row_count, 1.0, dtype)
         squares = ctx.op("Mul", [d2, d2], label="squares", shape=d2.shape)
         s1, s2 = _masked_row_sums(ctx, x, d, d2, squares, valid, flat, ones)
-    elif MASKED_ROWS == "Gather":
-        s1, s2 = _gathered_row_sums(ctx, d2, flat, weights, start, row_count)
+    elif gathered:
+        s1, s2 = _gathered_row_sums(ctx, d2, weights, some, index)
     else:
         ones = emit.constant_of_shape(ctx, row_count, 1.0, dtype)
         s1, s2 = _where_row_sums(ctx, x, d, valid, ones)
@@ -295,19 +309,12 @@ def _index(ctx, value: int) -> Value:
     return ctx.op("Constant", [], dtype="int64", shape=(), label="index", value=tensor)
 
 
-def _gathered_row_sums(
-    ctx, d2: Value, flat: Value, weights: Value, start: Value, row_count: Value
-) -> tuple[Value, Value]:
-    """Σ valid d and Σ valid d² over the rows of `d2` `(M, C)`, by Gather and weighted MatMuls.
+def _valid_row_index(ctx, flat: Value, start: Value, row_count: Value) -> tuple[Value, Value]:
+    """`(some_valid, index)`: each row's own index if valid, else the first valid row's.
 
-    Every masked-out row is replaced by a copy of the first valid row (a Gather
-    of row indices), so the data the weights multiply holds no value of a
-    masked-out position: NaN or Inf there cannot leak (0 * NaN = NaN). A batch
-    without a valid row gives sums of 0, like Keras's. onnxruntime's Gather of
-    rows costs about one copy, its Where over the data (row mask broadcast
-    along the channels) two to four.
+    `start` (the first valid row) is M, out of range, when no row is valid:
+    the rows then stay in place and `some_valid` is False.
     """
-    dtype, channels = d2.dtype, d2.shape[-1]
     positions = ctx.op(
         "Range",
         [_index(ctx, 0), ctx.op("Squeeze", [row_count, emit.ints(ctx, [0], "axes")]),
@@ -315,12 +322,27 @@ def _gathered_row_sums(
         dtype="int64",
         label="positions",
     )  # fmt: skip
-    # `start` is M (out of range) when no row is valid: the rows then stay in place.
     some = ctx.op("Less", [start, row_count], dtype="bool", label="some_valid")
     first = ctx.op(
         "Where", [some, start, emit.ints(ctx, [0], "row")], dtype="int64", label="substitute"
     )
     index = ctx.op("Where", [flat, positions, first], dtype="int64", label="row_index")
+    return some, index
+
+
+def _gathered_row_sums(
+    ctx, d2: Value, weights: Value, some: Value, index: Value
+) -> tuple[Value, Value]:
+    """Σ valid d and Σ valid d² over the rows of `d2` `(M, C)`, by Gather and weighted MatMuls.
+
+    Every masked-out row is replaced by a copy of the first valid row (a Gather
+    of `index`, see `_valid_row_index`), so the data the weights multiply holds
+    no value of a masked-out position: NaN or Inf there cannot leak
+    (0 * NaN = NaN). A batch without a valid row gives sums of 0, like Keras's.
+    onnxruntime's Gather of rows costs about one copy, its Where over the data
+    (row mask broadcast along the channels) two to four.
+    """
+    dtype, channels = d2.dtype, d2.shape[-1]
     kept = ctx.op("Gather", [d2, index], label="kept", shape=d2.shape, axis=0)
     kept_sq = ctx.op("Mul", [kept, kept], label="kept_squares", shape=d2.shape)
     zero = emit.scalar(ctx, 0.0, dtype, "zero")
