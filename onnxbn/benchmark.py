@@ -13,23 +13,9 @@ says so in the table), and reports the max error of each against a float64
 NumPy reference on the hard input `x = 1e4 + N(0, 1)`. `run` returns a Markdown
 table for the README; `onnxbn bench` and `scripts/bench.py` print it.
 
-Formulations tried for the lowering (ratios to memcpy, 1 thread, this 2-core VM,
-which other jobs share: expect +-20% between runs):
-
-- channels-last sums: ReduceSum over the leading axes 3.2-4.5x, over an (N, R*C)
-  view then (R, C) 2.9-3.0x, MatMul by a ones vector on the (M, C) view 0.7-0.95x;
-- channel-inner sum of squares: ReduceSumSquare over all other axes 1.6-2.1x
-  (and 2.6e-5 relative error on 10^5 elements: one long float32 sum),
-  ReduceSumSquare over the inner block then ReduceSum 1.55x (3.6e-6),
-  Mul + ReduceSum 1.75x (2.6e-7), ReduceL2 1.58x; ReduceSum alone 0.35-0.5x;
-- normalization: native BatchNormalization (inference mode, batch statistics
-  fed in) 0.85-1.1x on NCHW and 0.8x on a (4096, 1024) input, Mul+Add 1.5-2.8x;
-  native on a channels-last rank-4 view 1.9x with its output Reshape (a copy)
-  against 2.3x for Mul+Add;
-- masked channels-last: Where over the data costs ~2 element-wise passes; the
-  opt-in mask-weighted MatMul with an If fallback removes it (33 -> 25 ms NHWC);
-- rank-0 constants broadcast against a tensor whose last dim is 1 run a
-  per-element path in onnxruntime (~50x slower): constants are rank-matched.
+The formulations tried for the lowering, with their measurements, are recorded
+where the choice is made: `onnxbn/lowering/moments.py` and
+`onnxbn/lowering/batch_normalization.py`.
 
 Usage:
     from onnxbn import benchmark
