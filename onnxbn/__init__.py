@@ -1,6 +1,6 @@
 """onnxbn: Keras's BatchNormalization, exact, fast and portable in ONNX."""
 
-from onnxbn import layers, runtime
+from onnxbn import distributed, layers, reference, runtime
 from onnxbn.dtypes import DTypePolicy
 from onnxbn.export import export_onnx
 from onnxbn.model import Model
@@ -20,8 +20,10 @@ __all__ = [
     "Operation",
     "SymbolicTensor",
     "Variable",
+    "distributed",
     "export_onnx",
     "layers",
+    "reference",
     "reset_names",
     "runtime",
 ]
