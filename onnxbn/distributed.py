@@ -106,9 +106,25 @@ def allreduce_moments(
     return total
 
 
-def check_same_dtype(comm: Any, dtype: str, what: str) -> None:
-    """Every process must compute in the same dtype; all raise together if not."""
-    dtypes = comm.allgather(str(dtype))
+def agree(comm: Any, dtype: str, error: Exception | None, what: str) -> None:
+    """Every process learns whether every process can go on; all raise together if not.
+
+    One all-gather of `(compute dtype, error or None)`: a process whose own
+    checks failed re-raises its error; the others raise a `ValueError` naming
+    the failed process, so nobody waits forever in a later exchange. Different
+    compute dtypes are an error too.
+
+    Raises:
+        ValueError: another process failed, or the dtypes differ.
+    """
+    report = None if error is None else f"{type(error).__name__}: {error}"
+    reports = comm.allgather((str(dtype), report))
+    if error is not None:
+        raise error
+    for rank, (_, other) in enumerate(reports):
+        if other is not None:
+            raise ValueError(f"{what}: process {rank} failed: {other}")
+    dtypes = [d for d, _ in reports]
     if len(set(dtypes)) != 1:
         raise ValueError(
             f"{what}: processes compute in different dtypes {dtypes} (by rank); "

@@ -303,15 +303,30 @@ class BatchNormalization(Layer):
         if training is not None and not isinstance(training, (bool, np.bool_)):
             raise TypeError(f"training must be a bool or None, received {training!r}.")
         x = inputs
-        normalize_axis(self.axis, x.ndim, self.name)
         training = self.uses_batch_statistics(training)
-        if mask is not None:
-            mask = to_array(mask, f"Mask of layer {self.name!r}")
-            check_mask_rank(mask.ndim, mask.shape, x.ndim, x.shape)
-            if training:  # Keras ignores the mask in inference beyond its rank.
-                check_mask_broadcast(mask.shape, x.shape)
         # Keras: result_type(inputs, float32): float64 stays, everything else is float32.
         compute = "float64" if x.dtype == np.float64 else "float32"
+        comm = self._communicator() if training else None
+        try:
+            normalize_axis(self.axis, x.ndim, self.name)
+            if mask is not None:
+                mask = to_array(mask, f"Mask of layer {self.name!r}")
+                check_mask_rank(mask.ndim, mask.shape, x.ndim, x.shape)
+                if training:  # Keras ignores the mask in inference beyond its rank.
+                    check_mask_broadcast(mask.shape, x.shape)
+        except (TypeError, ValueError) as error:
+            if comm is not None:  # every process raises, none is left waiting
+                self._agree(comm, compute, error)
+            raise
+        reduce_partial = None
+        if comm is not None:
+            from onnxbn import distributed
+
+            self._agree(comm, compute, None)
+            what = f"BatchNormalization {self.name!r}"
+            reduce_partial = lambda partial: distributed.allreduce_moments(  # noqa: E731
+                comm, partial, what=what
+            )
         y, new_mean, new_var = batch_normalization(
             x,
             axis=self.axis,
@@ -324,15 +339,15 @@ class BatchNormalization(Layer):
             training=training,
             mask=mask if training else None,
             compute_dtype=compute,
-            reduce_partial=self._reduce_partial(compute) if training else None,
+            reduce_partial=reduce_partial,
         )
         if training:
             self.moving_mean.assign(new_mean)
             self.moving_variance.assign(new_var)
         return y.astype(to_numpy_dtype(self.compute_dtype))
 
-    def _reduce_partial(self, compute_dtype: str) -> Callable[[tuple], tuple] | None:
-        """The cross-process reduction of a synchronized layer, or None (local statistics)."""
+    def _communicator(self) -> Any:
+        """The communicator of a multi-process synchronized layer, or None (local statistics)."""
         if not self.synchronized:
             return None
         from onnxbn import distributed
@@ -340,9 +355,12 @@ class BatchNormalization(Layer):
         comm = distributed.active_communicator()
         if comm is None or comm.Get_size() == 1:
             return None
-        what = f"BatchNormalization {self.name!r}"
-        distributed.check_same_dtype(comm, compute_dtype, what)
-        return lambda partial: distributed.allreduce_moments(comm, partial, what=what)
+        return comm
+
+    def _agree(self, comm: Any, compute_dtype: str, error: Exception | None) -> None:
+        from onnxbn import distributed
+
+        distributed.agree(comm, compute_dtype, error, f"BatchNormalization {self.name!r}")
 
     def get_config(self) -> dict:
         from onnxbn import constraints, initializers, regularizers

@@ -94,6 +94,23 @@ def test_mismatched_channels_make_every_replica_raise(engine, tmp_path):
         assert "different channel counts" in str(res["error"])
 
 
+@pytest.mark.parametrize(
+    "scenario,message",
+    [
+        ("masked-badmask", "does not broadcast"),
+        ("ort-masked-badmask", "Feed 'mask' has shape"),
+        ("reference-masked-badmask", "Feed 'mask' has shape"),
+        ("dtype", "different dtypes"),
+        ("ort-baddtype", "float64"),
+    ],
+)
+def test_an_error_on_one_process_is_raised_on_every_process(scenario, message, tmp_path):
+    results = launch(2, scenario, tmp_path)
+    assert message in str(results[-1]["error"])  # the failing process: its own error
+    assert "error" in results[0]  # the healthy one is told, not left waiting
+    assert message in str(results[0]["error"]) or "process 1 failed" in str(results[0]["error"])
+
+
 def test_missing_mpi4py_under_a_launcher_says_what_to_install():
     code = (
         "import sys; sys.modules['mpi4py'] = None\n"

@@ -116,7 +116,9 @@ def main() -> None:
     if scenario.endswith("mismatch") and rank == size - 1:
         channels += 1
         data = np.concatenate([data, data[..., :1]], axis=-1)
-    layer = layers.BatchNormalization(synchronized=True, momentum=0.7, name="bn")
+    last = rank == size - 1
+    policy = "float64" if scenario.endswith("dtype") and last else None
+    layer = layers.BatchNormalization(synchronized=True, momentum=0.7, name="bn", dtype=policy)
     layer.build((None, 5, channels))
     layer.set_weights(
         [np.linspace(0.5, 2, channels), np.linspace(-1, 1, channels),
@@ -130,8 +132,14 @@ def main() -> None:
     try:
         step, state = make(layer, channels, masked, comm)
         for s in range(steps):
-            outputs.append(step(data[s, start:stop], masks[s, start:stop] if masked else None))
-    except ValueError as error:
+            mask = masks[s, start:stop] if masked else None
+            if scenario.endswith("badmask") and last:
+                mask = masks[s, start:stop, :4]  # does not broadcast against the data
+            x = data[s, start:stop]
+            if scenario.endswith("baddtype") and last:
+                x = x.astype(np.float64)  # the exported graph declares float32
+            outputs.append(step(x, mask))
+    except (TypeError, ValueError) as error:
         np.savez(out_dir / f"rank{rank}.npz", error=str(error))
         return
     mean, var = state()
