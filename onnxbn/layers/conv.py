@@ -17,7 +17,12 @@ import numpy as np
 from onnxbn import constraints, initializers, regularizers
 from onnxbn.dtypes import to_numpy_dtype
 from onnxbn.layers import activation as activations
-from onnxbn.layers.dense import check_bool, check_min_ndim, reject_unsupported
+from onnxbn.layers.dense import (
+    add_kernel_and_bias,
+    check_bool,
+    check_min_ndim,
+    reject_unsupported,
+)
 from onnxbn.layers.input_spec import InputSpec
 from onnxbn.layers.layer import BASE_CONFIG_KEYS, Layer
 from onnxbn.layers.registry import register_layer
@@ -253,21 +258,7 @@ class BaseConv(Layer):
                 f"(full input shape is {tuple(input_shape)})."
             )
         self.compute_output_shape(input_shape)
-        self.kernel = self.add_weight(
-            self.kernel_size + (channels // self.groups, self.filters),
-            self.kernel_initializer,
-            name="kernel",
-            regularizer=self.kernel_regularizer,
-            constraint=self.kernel_constraint,
-        )
-        if self.use_bias:
-            self.bias = self.add_weight(
-                (self.filters,),
-                self.bias_initializer,
-                name="bias",
-                regularizer=self.bias_regularizer,
-                constraint=self.bias_constraint,
-            )
+        add_kernel_and_bias(self, self.kernel_size + (channels // self.groups, self.filters))
         self.input_spec = InputSpec(axes={self.channel_axis: channels})
         self.built = True
 

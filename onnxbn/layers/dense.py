@@ -49,6 +49,29 @@ def check_bool(value: Any, name: str) -> bool:
     return bool(value)
 
 
+def add_kernel_and_bias(layer: Any, kernel_shape: tuple[int, ...]) -> None:
+    """Creates `layer.kernel` and, with `use_bias`, `layer.bias` (size: the last kernel dim).
+
+    Shared by Dense and the convolutions, which carry the same kernel/bias
+    initializers, regularizers and constraints in Keras.
+    """
+    layer.kernel = layer.add_weight(
+        tuple(kernel_shape),
+        layer.kernel_initializer,
+        name="kernel",
+        regularizer=layer.kernel_regularizer,
+        constraint=layer.kernel_constraint,
+    )
+    if layer.use_bias:
+        layer.bias = layer.add_weight(
+            (kernel_shape[-1],),
+            layer.bias_initializer,
+            name="bias",
+            regularizer=layer.bias_regularizer,
+            constraint=layer.bias_constraint,
+        )
+
+
 @register_layer("keras.layers")
 class Dense(Layer):
     """Densely-connected layer (Keras's `Dense`).
@@ -136,21 +159,7 @@ class Dense(Layer):
                 f"Layer {self.name!r}: the last axis of the input shape {tuple(input_shape)} "
                 "must be defined to create the Dense kernel."
             )
-        self.kernel = self.add_weight(
-            (input_dim, self.units),
-            self.kernel_initializer,
-            name="kernel",
-            regularizer=self.kernel_regularizer,
-            constraint=self.kernel_constraint,
-        )
-        if self.use_bias:
-            self.bias = self.add_weight(
-                (self.units,),
-                self.bias_initializer,
-                name="bias",
-                regularizer=self.bias_regularizer,
-                constraint=self.bias_constraint,
-            )
+        add_kernel_and_bias(self, (input_dim, self.units))
         self.input_spec = InputSpec(axes={-1: input_dim})
         self.built = True
 
