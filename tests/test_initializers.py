@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
-from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -28,32 +26,12 @@ from onnxbn.initializers import (
     Zeros,
     compute_fans,
 )
+from tests.keras_fixtures import keras_envelopes
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "keras"
 # Stddev of a unit normal truncated to [-2, 2]: sqrt(1 - 4 phi(2) / (2 Phi(2) - 1)).
 _PHI2 = math.exp(-2.0) / math.sqrt(2 * math.pi)
 TRUNC_STD = math.sqrt(1 - 4 * _PHI2 / math.erf(2 / math.sqrt(2)))
 SEED_AXES = {"seed": None, "input_axes": None, "output_axes": None}
-
-
-def keras_envelopes(module: str) -> list[dict]:
-    """Every envelope of `module` in the real Keras fixtures."""
-    assert FIXTURES.is_dir(), f"missing Keras fixtures at {FIXTURES}"
-    found = []
-
-    def walk(node):
-        if isinstance(node, dict):
-            if node.get("module") == module and "class_name" in node:
-                found.append(node)
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    for path in sorted(FIXTURES.glob("*.json")):
-        walk(json.loads(path.read_text()))
-    return found
 
 
 def test_keras_fixtures_round_trip():

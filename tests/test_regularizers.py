@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
-from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -13,28 +11,7 @@ import pytest
 
 from onnxbn import regularizers
 from onnxbn.regularizers import L1, L1L2, L2, OrthogonalRegularizer
-
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "keras"
-
-
-def keras_envelopes(module: str) -> list[dict]:
-    """Every envelope of `module` in the real Keras fixtures."""
-    assert FIXTURES.is_dir(), f"missing Keras fixtures at {FIXTURES}"
-    found = []
-
-    def walk(node):
-        if isinstance(node, dict):
-            if node.get("module") == module and "class_name" in node:
-                found.append(node)
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    for path in sorted(FIXTURES.glob("*.json")):
-        walk(json.loads(path.read_text()))
-    return found
+from tests.keras_fixtures import keras_envelopes
 
 
 def test_keras_fixtures_round_trip():
