@@ -191,6 +191,36 @@ def timed(
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+def layout_data(name: str) -> tuple[np.ndarray, dict, dict[str, dict]]:
+    """The seeded data of one layout: `x = 1e4 + N(0,1)`, BN weights, feeds per export mode.
+
+    Returns:
+        `(x, weights, feeds)` with `weights` keyed scale/bias/mean/var and `feeds`
+        keyed inference/training/masked (the state fed explicitly).
+    """
+    shape, axis = LAYOUTS[name]
+    rng = np.random.default_rng(0)
+    channels = shape[axis]
+    x = (1e4 + rng.standard_normal(shape)).astype(np.float32)
+    mask = rng.random(shape[:-1]) < 0.8
+    weights = {
+        "scale": rng.uniform(0.5, 1.5, channels),
+        "bias": rng.standard_normal(channels),
+        "mean": 1e4 + rng.standard_normal(channels) * 0.1,
+        "var": rng.uniform(0.5, 2.0, channels),
+    }
+    state = {
+        "bn/moving_mean": weights["mean"].astype(np.float32),
+        "bn/moving_variance": weights["var"].astype(np.float32),
+    }
+    feeds = {
+        "inference": {"x": x},
+        "training": {"x": x, **state},
+        "masked": {"x": x, "mask": mask, **state},
+    }
+    return x, weights, feeds
+
+
 def bench_layout(
     name: str, runs: int, threads: int, tick: Callable[[], None] | None = None
 ) -> Result:
@@ -206,30 +236,12 @@ def bench_layout(
         `{variant: (median seconds, max |error| vs float64 or None)}`, memcpy first.
     """
     shape, axis = LAYOUTS[name]
-    rng = np.random.default_rng(0)
-    channels = shape[axis]
-    x = (1e4 + rng.standard_normal(shape)).astype(np.float32)
-    mask = rng.random(shape[:-1]) < 0.8
-    weights = {
-        "scale": rng.uniform(0.5, 1.5, channels),
-        "bias": rng.standard_normal(channels),
-        "mean": 1e4 + rng.standard_normal(channels) * 0.1,
-        "var": rng.uniform(0.5, 2.0, channels),
-    }
+    x, weights, feeds = layout_data(name)
     channel_last = axis == len(shape) - 1 and len(shape) > 2
     nchw = np.ascontiguousarray(np.moveaxis(x, axis, 1)) if channel_last else x
     out = np.empty_like(x)
     exports = onnxbn_exports(shape, axis, weights)
     sessions = {mode: session(model, threads) for mode, model in exports.items()}
-    state = {
-        "bn/moving_mean": weights["mean"].astype(np.float32),
-        "bn/moving_variance": weights["var"].astype(np.float32),
-    }
-    feeds = {
-        "inference": {"x": x},
-        "training": {"x": x, **state},
-        "masked": {"x": x, "mask": mask, **state},
-    }
     native = session(native_model(nchw.shape, weights, transpose=False), threads)
     fns: dict[str, Callable[[], object]] = {
         "memcpy": lambda: np.copyto(out, x),
@@ -257,7 +269,7 @@ def bench_layout(
         y = sessions[mode].run(["bn"], feeds[mode])[0]
         ref = reference(
             x, axis, weights, "inference" if mode == "inference" else "training",
-            mask if mode == "masked" else None,
+            feeds["masked"]["mask"] if mode == "masked" else None,
         )  # fmt: skip
         errors[f"onnxbn {mode}"] = float(np.abs(y - ref).max())
     return {k: (times[k], errors.get(k)) for k in fns}

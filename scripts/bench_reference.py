@@ -205,25 +205,7 @@ def random_feeds(model: onnx.ModelProto, dim: int, rng: np.random.Generator) -> 
 def export_cases(layout: str) -> tuple[list[tuple[str, onnx.ModelProto, dict]], str]:
     """The three exports of one `onnxbn.benchmark.LAYOUTS` layout, with their feeds."""
     shape, axis = benchmark.LAYOUTS[layout]
-    rng = np.random.default_rng(0)
-    channels = shape[axis]
-    x = (1e4 + rng.standard_normal(shape)).astype(np.float32)
-    mask = rng.random(shape[:-1]) < 0.8
-    weights = {
-        "scale": rng.uniform(0.5, 1.5, channels),
-        "bias": rng.standard_normal(channels),
-        "mean": 1e4 + rng.standard_normal(channels) * 0.1,
-        "var": rng.uniform(0.5, 2.0, channels),
-    }
-    state = {
-        "bn/moving_mean": weights["mean"].astype(np.float32),
-        "bn/moving_variance": weights["var"].astype(np.float32),
-    }
-    feeds = {
-        "inference": {"x": x},
-        "training": {"x": x, **state},
-        "masked": {"x": x, "mask": mask, **state},
-    }
+    _, weights, feeds = benchmark.layout_data(layout)
     exports = benchmark.onnxbn_exports(shape, axis, weights)
     cases = [(f"export: {mode}", exports[mode], feeds[mode]) for mode in feeds]
     return cases, LAYOUT_LABELS[layout]
