@@ -101,6 +101,20 @@ def _array(x: AnyType, owner: str) -> np.ndarray:
     return to_array(x, f"The input of {owner}")
 
 
+def _operand(x: AnyType, owner: str) -> AnyType:
+    """An operand of a binary op as Keras's backends hand it to NumPy.
+
+    A Python number stays a Python number, so NumPy 2 (NEP 50) compares it in
+    the other operand's dtype, as Keras does: `Masking(mask_value=0.1)` on
+    float32 data compares with float32(0.1). Turned into an array first, it
+    would be a float64 array and every padded step would count as valid.
+    NumPy scalars keep their own dtype, as in Keras.
+    """
+    if type(x) in (bool, int, float):
+        return x
+    return _array(x, owner)
+
+
 @register_layer(MODULE, registered_name="NotEqual")
 class NotEqual(Operation):
     """`x1 != x2` elementwise, with broadcasting (Keras's `ops.not_equal`).
@@ -119,7 +133,7 @@ class NotEqual(Operation):
         super().__init__(name=name)
 
     def call(self, x1: AnyType, x2: AnyType) -> np.ndarray:
-        return np.not_equal(_array(x1, self.name), _array(x2, self.name))
+        return np.not_equal(_operand(x1, self.name), _operand(x2, self.name))
 
     def compute_output_spec(self, x1: AnyType, x2: AnyType) -> SymbolicTensor:
         return SymbolicTensor(broadcast_shapes(_shape_of(x1), _shape_of(x2)), "bool")
@@ -146,7 +160,7 @@ class LogicalOr(Operation):
         super().__init__(name=name)
 
     def call(self, x1: AnyType, x2: AnyType) -> np.ndarray:
-        return np.logical_or(_array(x1, self.name), _array(x2, self.name))
+        return np.logical_or(_operand(x1, self.name), _operand(x2, self.name))
 
     def compute_output_spec(self, x1: AnyType, x2: AnyType) -> SymbolicTensor:
         return SymbolicTensor(broadcast_shapes(_shape_of(x1), _shape_of(x2)), "bool")
@@ -203,14 +217,14 @@ def not_equal(x1: AnyType, x2: AnyType) -> AnyType:
     """`x1 != x2`; records a `NotEqual` node when either argument is symbolic."""
     if is_symbolic_call((x1, x2), {}, "not_equal"):
         return NotEqual().symbolic_call(x1, x2)
-    return np.not_equal(_array(x1, "not_equal"), _array(x2, "not_equal"))
+    return np.not_equal(_operand(x1, "not_equal"), _operand(x2, "not_equal"))
 
 
 def logical_or(x1: AnyType, x2: AnyType) -> AnyType:
     """`x1 or x2`; records a `LogicalOr` node when either argument is symbolic."""
     if is_symbolic_call((x1, x2), {}, "logical_or"):
         return LogicalOr().symbolic_call(x1, x2)
-    return np.logical_or(_array(x1, "logical_or"), _array(x2, "logical_or"))
+    return np.logical_or(_operand(x1, "logical_or"), _operand(x2, "logical_or"))
 
 
 def any(x: AnyType, axis: AnyType = None, keepdims: bool = False) -> AnyType:  # noqa: A001

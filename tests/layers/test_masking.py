@@ -16,15 +16,17 @@ from tests.oracle import TOLERANCES, bn_oracle
 
 
 def timestep_valid(x, mask_value):
-    """A timestep is valid when some feature differs from mask_value (loop over features)."""
+    """A timestep is valid when some feature differs from mask_value in the data's dtype
+    (Keras compares a Python number in the data's dtype); a loop over features."""
     x = np.asarray(x)
+    padding = x.dtype.type(mask_value)
     valid = np.zeros(x.shape[:-1], bool)
     for index in np.ndindex(*x.shape[:-1]):
-        valid[index] = any(v != mask_value for v in x[index])
+        valid[index] = any(v != padding for v in x[index])
     return valid
 
 
-@pytest.mark.parametrize("mask_value", [0.0, -1.0, 2])
+@pytest.mark.parametrize("mask_value", [0.0, -1.0, 2, 0.1])
 @pytest.mark.parametrize("policy", ["float32", "float64", "mixed_float16"])
 def test_eager_zeroes_masked_timesteps(mask_value, policy):
     rng = np.random.default_rng(2)
@@ -34,14 +36,15 @@ def test_eager_zeroes_masked_timesteps(mask_value, policy):
     x[1, 2, :2] = mask_value  # partly equal: still valid
     layer = layers.Masking(mask_value=mask_value, dtype=policy)
     y = layer(x)
-    valid = timestep_valid(x, mask_value)
+    # The call sees the input cast to the compute dtype, and compares there (as Keras).
+    valid = timestep_valid(x.astype(layer.compute_dtype), mask_value)
     assert str(y.dtype) == layer.compute_dtype
     np.testing.assert_allclose(
         y.astype(np.float64),
         np.where(valid[..., None], x.astype(y.dtype), 0.0),
         *TOLERANCES[layer.compute_dtype],
     )
-    np.testing.assert_array_equal(layer.compute_mask(x, None), valid)
+    np.testing.assert_array_equal(layer.compute_mask(x, None), timestep_valid(x, mask_value))
 
 
 def test_symbolic_mask_is_recorded_as_keras_ops():
@@ -95,6 +98,19 @@ def test_batch_normalization_receives_the_mask_implicitly():
     np.testing.assert_allclose(bn.moving_variance.numpy(), var, *TOLERANCES["float32"])
     # Unmasked statistics would differ: the mask really reached the layer.
     assert not np.allclose(mean, 0.5 * zeroed.reshape(-1, 3).mean(0))
+
+
+@pytest.mark.parametrize("mask_value", [0.0, 0.1])
+def test_batch_normalization_ignores_masked_values(mask_value):
+    # Keras's test_bachnorm_ignore_masked_values, with a padding value float32 cannot
+    # represent exactly: the padded steps must not reach the statistics.
+    padded = np.array([[[1, 5], [2, 5], [mask_value] * 2, [mask_value] * 2]] * 10, np.float32)
+    x = onnxbn.Input(shape=(None, 2), name="x")
+    bn = layers.BatchNormalization(momentum=0.0, name="bn")
+    model = onnxbn.Model(x, bn(layers.Masking(mask_value=mask_value, name="masking")(x)))
+    model(padded, training=True)
+    np.testing.assert_allclose(bn.moving_mean.numpy(), [1.5, 5.0], *TOLERANCES["float32"])
+    np.testing.assert_allclose(bn.moving_variance.numpy(), [0.25, 0.0], *TOLERANCES["float32"])
 
 
 def test_model_config_records_the_mask_ops_as_keras_does():

@@ -149,3 +149,30 @@ def test_eager_functions_record_nothing():
     assert before._inbound_nodes == []
     with pytest.raises(TypeError, match="numeric"):
         ops.not_equal(np.array(["a"]), 1)
+
+
+@pytest.mark.parametrize(
+    "x,scalar,expected",
+    [
+        # A Python number is compared in the data's dtype, as Keras's backends compare it:
+        # float32(0.1) == float32 data 0.1, though float64(0.1) is not.
+        (np.array([0.1, 0.2, 0.0], np.float32), 0.1, [False, True, True]),
+        (np.array([0.1, 0.3], np.float16), 0.1, [False, True]),
+        (np.array([[1.0 / 3.0]], np.float32), 1.0 / 3.0, [[False]]),
+        # Integers against a fraction or an out-of-range integer: nothing is equal.
+        (np.array([0, 1], np.int32), 0.5, [True, True]),
+        (np.array([44, -1], np.int8), 300, [True, True]),
+        (np.array([255, 0], np.uint8), -1, [True, True]),
+    ],
+)
+def test_not_equal_compares_python_numbers_in_the_data_dtype(x, scalar, expected):
+    for fn in (ops.not_equal, ops.NotEqual()):
+        np.testing.assert_array_equal(fn(x, scalar), expected)
+        np.testing.assert_array_equal(fn(scalar, x), expected)
+
+
+def test_not_equal_numpy_scalars_keep_their_dtype():
+    # np.float64(0.1) is a float64 value, as in Keras: float32(0.1) differs from it.
+    x = np.array([0.1], np.float32)
+    np.testing.assert_array_equal(ops.not_equal(x, np.float64(0.1)), [True])
+    np.testing.assert_array_equal(ops.not_equal(x, np.float32(0.1)), [False])
