@@ -112,7 +112,12 @@ CASES = [
     ("trainable string", lambda: BN(trainable="yes"), TypeError, "trainable must be a bool"),
     ("empty name", lambda: BN(name=""), TypeError, "name must be a non-empty string"),
     ("name with slash", lambda: BN(name="a/b"), ValueError, "must not contain '/'"),
-    ("renorm", lambda: BN(renorm=True), NotImplementedError, "batch renormalization"),
+    (
+        "renorm clipping key",
+        lambda: BN(renorm=True, renorm_clipping={"rmin": 0.5, "dmin": 1.0}),
+        ValueError,
+        "invalid keys for `renorm_clipping`.*dmin",
+    ),
     # -- eager calls ------------------------------------------------------------------
     ("rank 0", call(np.float32(2.0)), ValueError, "Invalid axis -1.*rank 0"),
     ("axis out of range", lambda: BN(axis=3)(X), ValueError, r"Invalid axis 3.*\[-3, 3\)"),

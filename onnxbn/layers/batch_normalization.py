@@ -16,39 +16,21 @@ import numpy as np
 from onnxbn.dtypes import to_numpy_dtype
 from onnxbn.layers.input_spec import InputSpec
 from onnxbn.layers.layer import Layer, to_array
-from onnxbn.layers.moments import finish_moments, partial_moments, valid_positions
+from onnxbn.layers.moments import (
+    batch_moments,
+    check_mask_broadcast,
+    check_mask_rank,
+    normalize_axis,
+)
+from onnxbn.layers.renormalization import (
+    RENORM_WEIGHTS,
+    batch_renormalization,
+    check_renorm_clipping,
+    check_renorm_momentum,
+    renorm_initializers,
+)
 from onnxbn.layers.registry import register_layer
 from onnxbn.tensor import SymbolicTensor
-
-
-def normalize_axis(axis: int, ndim: int, layer_name: str = "batch_normalization") -> int:
-    """`axis` in `[0, ndim)`, or a `ValueError` naming both."""
-    if not -ndim <= axis < ndim:
-        raise ValueError(
-            f"Invalid axis {axis} for layer {layer_name!r}: the input has rank {ndim}, "
-            f"so axis must be in [{-ndim}, {ndim})."
-        )
-    return axis % ndim
-
-
-def check_mask_rank(mask_ndim: int, mask_shape: Any, input_ndim: int, input_shape: Any) -> None:
-    """Keras's check: the mask has one dimension less than the inputs."""
-    if mask_ndim != input_ndim - 1:
-        raise ValueError(
-            "The mask provided should be one dimension less than the inputs. Received: "
-            f"mask.shape={tuple(mask_shape)}, inputs.shape={tuple(input_shape)}"
-        )
-
-
-def check_mask_broadcast(mask_shape: tuple, input_shape: tuple) -> None:
-    """The mask, expanded at its last axis, must broadcast to the input shape."""
-    expanded = tuple(mask_shape) + (1,)
-    for m, x in zip(expanded, input_shape):
-        if m is not None and x is not None and m not in (1, x):
-            raise ValueError(
-                f"The mask of shape {tuple(mask_shape)}, expanded at its last axis to "
-                f"{expanded}, does not broadcast to the input shape {tuple(input_shape)}."
-            )
 
 
 def batch_normalization(
@@ -97,13 +79,8 @@ def batch_normalization(
     var64 = np.asarray(moving_variance, dtype=np.float64)
     new_mean, new_var = mean64, var64
     if training:
-        reduction_axes = tuple(a for a in range(ndim) if a != axis)
-        valid = None if mask is None else valid_positions(mask, x.shape)
-        count, mean, m2 = partial_moments(x, reduction_axes, valid)
-        if reduce_partial is not None:
-            count, mean, m2 = reduce_partial((count, mean, m2))
-        batch_mean, batch_var = finish_moments(count, mean, m2, masked=valid is not None)
-        if valid is not None or np.all(count > 0):
+        batch_mean, batch_var, has_statistics = batch_moments(x, axis, mask, reduce_partial)
+        if has_statistics:
             new_mean = mean64 * momentum + batch_mean * (1.0 - momentum)
             new_var = var64 * momentum + batch_var * (1.0 - momentum)
         mean64, var64 = batch_mean, batch_var
@@ -145,6 +122,11 @@ class BatchNormalization(Layer):
     frozen layer (`trainable=False`) runs in inference mode even with
     `training=True`. The output is `gamma * (x - mean) / sqrt(var + epsilon) + beta`.
 
+    With `renorm=True` (batch renormalization, Keras 3.14+) training corrects
+    the batch statistics by `(r, d)` from the renorm statistics and updates
+    `moving_stddev`, `renorm_mean`, `renorm_stddev` too (see
+    `onnxbn/layers/renormalization.py`); inference is unchanged.
+
     Float16 and bfloat16 inputs are computed in float32 (as Keras does) and
     returned in the compute dtype; integer and bool inputs are computed in
     float32; a `float64` layer computes in float64. Statistics are
@@ -162,8 +144,14 @@ class BatchNormalization(Layer):
         beta_constraint, gamma_constraint: optional constraints.
         synchronized: use the global batch statistics across processes in a
             distributed run; identical to False in a single process.
-        renorm, renorm_clipping, renorm_momentum: Keras 3.14+ batch
-            renormalization keys; only `renorm=False` is supported.
+        renorm: use batch renormalization; adds the non-trainable weights
+            `moving_stddev`, `renorm_mean`, `renorm_stddev`.
+        renorm_clipping: None or a dict with optional keys `"rmin"`,
+            `"rmax"`, `"dmax"`: `r` is clipped to `[rmin, rmax]`, `d` to
+            `[-dmax, dmax]`; a missing key (or None) does not clip. Checked
+            only with `renorm=True`, as Keras does.
+        renorm_momentum: momentum of `renorm_mean` and `renorm_stddev`, in
+            [0, 1]; `momentum` still drives the inference statistics.
         **kwargs: base layer arguments (`name`, `dtype`, `trainable`).
 
     Call arguments:
@@ -179,8 +167,8 @@ class BatchNormalization(Layer):
     Raises:
         TypeError: `axis` not an int, non-numeric hyper-parameters or inputs.
         ValueError: NaN/Inf or out-of-range hyper-parameters, an axis out of
-            range, a mask of the wrong rank or shape.
-        NotImplementedError: `renorm=True`.
+            range, a mask of the wrong rank or shape, with `renorm=True` a
+            `renorm_clipping` with an unknown key, `rmax < rmin` or `dmax < 0`.
     """
 
     def __init__(
@@ -221,17 +209,9 @@ class BatchNormalization(Layer):
         self.center = _check_bool(center, "center")
         self.scale = _check_bool(scale, "scale")
         self.synchronized = _check_bool(synchronized, "synchronized")
-        if _check_bool(renorm, "renorm"):
-            raise NotImplementedError(
-                "BatchNormalization(renorm=True): batch renormalization is not implemented; "
-                "use renorm=False."
-            )
-        if renorm_clipping is not None and not isinstance(renorm_clipping, dict):
-            raise TypeError(
-                f"renorm_clipping must be None or a dict, received {renorm_clipping!r}."
-            )
-        self.renorm_clipping = renorm_clipping
-        self.renorm_momentum = _check_real(renorm_momentum, "renorm_momentum")
+        self.renorm = _check_bool(renorm, "renorm")
+        self.renorm_clipping = check_renorm_clipping(renorm_clipping, renorm=self.renorm)
+        self.renorm_momentum = check_renorm_momentum(renorm_momentum)
         self.beta_initializer = initializers.get(beta_initializer)
         self.gamma_initializer = initializers.get(gamma_initializer)
         self.moving_mean_initializer = initializers.get(moving_mean_initializer)
@@ -243,6 +223,7 @@ class BatchNormalization(Layer):
         super().__init__(**kwargs)
         self.supports_masking = True
         self.gamma = self.beta = self.moving_mean = self.moving_variance = None
+        self.moving_stddev = self.renorm_mean = self.renorm_stddev = None
 
     def build(self, input_shape: tuple[int | None, ...]) -> None:
         ndim = len(input_shape)
@@ -276,6 +257,12 @@ class BatchNormalization(Layer):
         self.moving_variance = self.add_weight(
             shape, self.moving_variance_initializer, name="moving_variance", trainable=False
         )
+        if self.renorm:
+            initial = renorm_initializers(
+                self.moving_mean_initializer, self.moving_variance_initializer
+            )
+            for name, initializer in initial.items():
+                setattr(self, name, self.add_weight(shape, initializer, name=name, trainable=False))
         self.input_spec = InputSpec(ndim=ndim, axes={self.axis: channels})
         self.built = True
 
@@ -327,8 +314,7 @@ class BatchNormalization(Layer):
             reduce_partial = lambda partial: distributed.allreduce_moments(  # noqa: E731
                 comm, partial, what=what
             )
-        y, new_mean, new_var = batch_normalization(
-            x,
+        arguments = dict(
             axis=self.axis,
             moving_mean=self.moving_mean.value,
             moving_variance=self.moving_variance.value,
@@ -341,10 +327,30 @@ class BatchNormalization(Layer):
             compute_dtype=compute,
             reduce_partial=reduce_partial,
         )
+        if self.renorm:
+            y, *new_states = batch_renormalization(
+                x,
+                **arguments,
+                **{name: getattr(self, name).value for name in RENORM_WEIGHTS},
+                renorm_momentum=self.renorm_momentum,
+                renorm_clipping=self.renorm_clipping,
+            )
+        else:
+            y, *new_states = batch_normalization(x, **arguments)
         if training:
-            self.moving_mean.assign(new_mean)
-            self.moving_variance.assign(new_var)
+            for variable, value in zip(self.state_variables, new_states):
+                variable.assign(value)
         return y.astype(to_numpy_dtype(self.compute_dtype))
+
+    @property
+    def state_variables(self) -> list:
+        """The variables a training call updates, in Keras's weight order.
+
+        `moving_mean`, `moving_variance`, and with renorm `moving_stddev`,
+        `renorm_mean`, `renorm_stddev`: the state set of a training export.
+        """
+        names = ("moving_mean", "moving_variance") + (RENORM_WEIGHTS if self.renorm else ())
+        return [getattr(self, name) for name in names]
 
     def _communicator(self) -> Any:
         """The communicator of a multi-process synchronized layer, or None (local statistics)."""
@@ -384,8 +390,10 @@ class BatchNormalization(Layer):
                 "beta_constraint": constraints.serialize(self.beta_constraint),
                 "gamma_constraint": constraints.serialize(self.gamma_constraint),
                 "synchronized": self.synchronized,
-                "renorm": False,
-                "renorm_clipping": self.renorm_clipping,
+                "renorm": self.renorm,
+                "renorm_clipping": (
+                    None if self.renorm_clipping is None else dict(self.renorm_clipping)
+                ),
                 "renorm_momentum": self.renorm_momentum,
             }
         )

@@ -1,5 +1,7 @@
 """Numerically stable batch moments: partial (count, mean, M2) and Keras's masked finish.
 
+Also the axis and mask-shape rules every moments caller checks first.
+
 Everything here accumulates in float64 and never uses `E[x²] − E[x]²`, which
 loses every digit on data such as `1e4 + N(0, 1)` in float32. The partial form
 `(count, mean, M2)` combines across replicas with Chan et al.'s parallel formula.
@@ -7,10 +9,43 @@ loses every digit on data such as `1e4 + N(0, 1)` in float32. The partial form
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 
 # Keras's global `backend.epsilon()`, added to the count in masked moments.
 MASK_EPSILON = 1e-7
+
+
+def normalize_axis(axis: int, ndim: int, layer_name: str = "batch_normalization") -> int:
+    """`axis` in `[0, ndim)`, or a `ValueError` naming both."""
+    if not -ndim <= axis < ndim:
+        raise ValueError(
+            f"Invalid axis {axis} for layer {layer_name!r}: the input has rank {ndim}, "
+            f"so axis must be in [{-ndim}, {ndim})."
+        )
+    return axis % ndim
+
+
+def check_mask_rank(mask_ndim: int, mask_shape: Any, input_ndim: int, input_shape: Any) -> None:
+    """Keras's check: the mask has one dimension less than the inputs."""
+    if mask_ndim != input_ndim - 1:
+        raise ValueError(
+            "The mask provided should be one dimension less than the inputs. Received: "
+            f"mask.shape={tuple(mask_shape)}, inputs.shape={tuple(input_shape)}"
+        )
+
+
+def check_mask_broadcast(mask_shape: tuple, input_shape: tuple) -> None:
+    """The mask, expanded at its last axis, must broadcast to the input shape."""
+    expanded = tuple(mask_shape) + (1,)
+    for m, x in zip(expanded, input_shape):
+        if m is not None and x is not None and m not in (1, x):
+            raise ValueError(
+                f"The mask of shape {tuple(mask_shape)}, expanded at its last axis to "
+                f"{expanded}, does not broadcast to the input shape {tuple(input_shape)}."
+            )
 
 
 def valid_positions(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -88,3 +123,33 @@ def finish_moments(
     # Σ (x - m')² = M2 + n (mean - m')², around Keras's shrunken mean m'.
     variance = (m2 + count * np.square(mean - keras_mean)) / denominator
     return keras_mean, variance
+
+
+def batch_moments(
+    x: np.ndarray,
+    axis: int,
+    mask: np.ndarray | None = None,
+    reduce_partial: Callable[[tuple], tuple] | None = None,
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Per-channel batch mean and population variance (float64), as BatchNormalization uses them.
+
+    Args:
+        x: input array.
+        axis: the channel axis, in `[0, x.ndim)`.
+        mask: optional mask of rank `x.ndim - 1`; non-zero = valid (Keras's
+            masked moments, see `finish_moments`).
+        reduce_partial: optional function mapping this batch's per-channel
+            `(count, mean, M2)` to the global one (synchronized layers).
+
+    Returns:
+        `(mean, variance, has_statistics)`; `has_statistics` is False for an
+        empty unmasked (global) batch, whose moments are meaningless and must
+        not update any state.
+    """
+    reduction_axes = tuple(a for a in range(x.ndim) if a != axis)
+    valid = None if mask is None else valid_positions(mask, x.shape)
+    count, mean, m2 = partial_moments(x, reduction_axes, valid)
+    if reduce_partial is not None:
+        count, mean, m2 = reduce_partial((count, mean, m2))
+    batch_mean, batch_var = finish_moments(count, mean, m2, masked=valid is not None)
+    return batch_mean, batch_var, bool(valid is not None or np.all(count > 0))

@@ -412,10 +412,10 @@ CALL_ERRORS = [
     ("nan epsilon", lambda: layers.BatchNormalization(epsilon=float("nan")), ValueError, "epsilon"),
     ("negative momentum", lambda: layers.BatchNormalization(momentum=-0.1), ValueError, "momentum"),
     (
-        "renorm",
-        lambda: layers.BatchNormalization(renorm=True),
-        NotImplementedError,
-        "renormalization",
+        "renorm clipping key",
+        lambda: layers.BatchNormalization(renorm=True, renorm_clipping={"r_max": 3.0}),
+        ValueError,
+        "Received invalid keys for `renorm_clipping`.*'r_max'",
     ),
 ]
 
