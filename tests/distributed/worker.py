@@ -2,9 +2,10 @@
 
 Usage: worker.py OUT_DIR SCENARIO. The scenario names the engine (eager,
 ort, reference, or raw: plain onnxruntime driving the documented contract with a
-hand-written reduction) and the data layout (even, uneven with an empty rank,
-masked, mismatch). Writes OUT_DIR/rank<r>.npz with the outputs and moving
-statistics (or the error message) for the test to check.
+hand-written reduction) and the data layout (even, uneven with an empty first
+rank, holed with an empty rank between others, masked, mismatch). Writes
+OUT_DIR/rank<r>.npz with the outputs and moving statistics (or the error
+message) for the test to check.
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ from onnxbn import layers
 
 
 def shard_sizes(total: int, size: int, scenario: str) -> list[int]:
+    if "holed" in scenario:
+        # an empty rank between non-empty ones (4 processes: 4, 0, 5, 2 rows)
+        sizes = [4, 0, 5, 2][:size]
+        sizes[-1] += total - sum(sizes)
+        return sizes
     if "uneven" in scenario:
         # rank 0 gets nothing, the others uneven shares
         sizes = [0] + [1 + r for r in range(size - 1)]
