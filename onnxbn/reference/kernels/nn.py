@@ -118,6 +118,8 @@ def gemm(
 
 
 def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
+    if x.size == 0:  # nothing to normalize (the max of an empty axis has no value)
+        return np.empty(x.shape, x.dtype)
     work = x.astype(float_compute_dtype(x.dtype), copy=False)
     # Subtracting the max keeps exp from overflowing; the result is unchanged.
     shifted = work - np.max(work, axis=axis, keepdims=True)
