@@ -58,3 +58,86 @@ def bn_oracle(
     b = np.zeros(channels) if beta is None else np.asarray(beta, np.float64)
     y = g.reshape(shape) * (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + epsilon)
     return y + b.reshape(shape), new_mm, new_mv
+
+
+def renorm_oracle(
+    x,
+    *,
+    axis,
+    gamma,
+    beta,
+    moving_mean,
+    moving_variance,
+    moving_stddev,
+    renorm_mean,
+    renorm_stddev,
+    momentum,
+    renorm_momentum,
+    epsilon,
+    renorm_clipping,
+    training,
+    mask=None,
+):
+    """Batch renormalization (Keras 3.14+ `renorm=True`) in float64.
+
+    Returns `(y, moving_mean, moving_variance, moving_stddev, renorm_mean,
+    renorm_stddev)`, the states after the call. Training, with `mean`, `var`
+    the batch moments (masked as in `bn_oracle`):
+    `s = sqrt(var + eps)`, `ŝ = max(renorm_stddev, sqrt(eps))`,
+    `r = s / ŝ` clipped to `[rmin, rmax]`, `d = (mean - renorm_mean) / ŝ`
+    clipped to `[-dmax, dmax]` (only the keys present clip),
+    `y = (x - mean) / s * (r * gamma) + (d * gamma + beta)`; the renorm
+    statistics move toward `mean`, `s` with `renorm_momentum`, `moving_mean`
+    and `moving_stddev` with `momentum`, and `moving_variance =
+    relu(moving_stddev² - eps)`. Inference (and an empty unmasked batch, for
+    the states): plain BatchNormalization with the moving statistics.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    axis = axis % x.ndim
+    channels = x.shape[axis]
+    shape = [1] * x.ndim
+    shape[axis] = channels
+    reduce = tuple(i for i in range(x.ndim) if i != axis)
+    mm, mv, ms, rm, rs = (
+        np.asarray(v, np.float64)
+        for v in (moving_mean, moving_variance, moving_stddev, renorm_mean, renorm_stddev)
+    )
+    g = np.ones(channels) if gamma is None else np.asarray(gamma, np.float64)
+    b = np.zeros(channels) if beta is None else np.asarray(beta, np.float64)
+    if not training:
+        y = (x - mm.reshape(shape)) / np.sqrt(mv.reshape(shape) + epsilon)
+        return y * g.reshape(shape) + b.reshape(shape), mm, mv, ms, rm, rs
+    if mask is None:
+        with np.errstate(invalid="ignore", divide="ignore"):  # N = 0: NaN, never used
+            mean = x.mean(axis=reduce)
+            var = ((x - mean.reshape(shape)) ** 2).mean(axis=reduce)
+    else:
+        w = np.broadcast_to(np.expand_dims(np.asarray(mask) != 0, -1), x.shape)
+        n = w.sum(axis=reduce).astype(np.float64)
+        mean = np.where(w, x, 0.0).sum(axis=reduce) / (n + KERAS_EPSILON)
+        dev = np.where(w, x - mean.reshape(shape), 0.0)
+        var = (dev**2).sum(axis=reduce) / (n + KERAS_EPSILON)
+    clipping = renorm_clipping or {}
+    s = np.sqrt(var + epsilon)
+    s_hat = np.maximum(rs, np.sqrt(epsilon))
+    r = s / s_hat
+    d = (mean - rm) / s_hat
+    if clipping.get("rmin") is not None:
+        r = np.maximum(r, clipping["rmin"])
+    if clipping.get("rmax") is not None:
+        r = np.minimum(r, clipping["rmax"])
+    if clipping.get("dmax") is not None:
+        d = np.clip(d, -clipping["dmax"], clipping["dmax"])
+    normalized = (x - mean.reshape(shape)) / s.reshape(shape)
+    y = normalized * (r * g).reshape(shape) + (d * g + b).reshape(shape)
+    if mask is None and x.size == 0:
+        return y, mm, mv, ms, rm, rs  # no data, no update (as bn_oracle)
+    new_ms = ms * momentum + s * (1 - momentum)
+    return (
+        y,
+        mm * momentum + mean * (1 - momentum),
+        np.maximum(new_ms**2 - epsilon, 0.0),
+        new_ms,
+        rm * renorm_momentum + mean * (1 - renorm_momentum),
+        rs * renorm_momentum + s * (1 - renorm_momentum),
+    )
