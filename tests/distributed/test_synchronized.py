@@ -92,6 +92,39 @@ def test_matches_single_process_on_concatenated_batch(processes, scenario, tmp_p
     np.testing.assert_allclose(results[0]["moving_variance"], mv, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "processes,scenario", [(2, "renorm-masked-uneven"), (4, "renorm-even"), (4, "renorm-holed")]
+)
+def test_renorm_replicas_match_the_oracle_on_the_concatenated_batch(processes, scenario, tmp_path):
+    from tests.distributed.worker import RENORM, initial_weights
+    from tests.oracle import renorm_oracle
+
+    results = launch(processes, scenario, tmp_path)
+    names = ("moving_mean", "moving_variance", "moving_stddev", "renorm_mean", "renorm_stddev")
+    rng = np.random.default_rng(123)  # the worker's data
+    data = (rng.normal(size=(3, 11, 5, 4)) * 3 + 7).astype(np.float32)
+    masks = rng.random((3, 11, 5)) > 0.4
+    gamma, beta, *states = initial_weights(4, renorm=True)
+    ys = []
+    for s in range(3):
+        y, *states = renorm_oracle(
+            data[s], axis=-1, gamma=gamma, beta=beta, **dict(zip(names, states)), momentum=0.7,
+            renorm_momentum=RENORM["renorm_momentum"], epsilon=1e-3,
+            renorm_clipping=RENORM["renorm_clipping"], training=True,
+            mask=masks[s] if "masked" in scenario else None,
+        )  # fmt: skip
+        ys.append(y)
+    for res in results:
+        assert "error" not in res, res.get("error")
+        start, stop = int(res["start"]), int(res["stop"])
+        if stop > start:
+            mine = res["y"].reshape(3, stop - start, 5, 4)
+            np.testing.assert_allclose(mine, np.stack(ys)[:, start:stop], rtol=1e-5, atol=1e-5)
+        for name, value in zip(names, states):
+            np.testing.assert_array_equal(res[name], results[0][name])  # identical replicas
+            np.testing.assert_allclose(res[name], value, rtol=2e-6, atol=2e-6, err_msg=name)
+
+
 @pytest.mark.parametrize("engine", ["", "ort-", "reference-"])
 def test_mismatched_channels_make_every_replica_raise(engine, tmp_path):
     results = launch(2, engine + "mismatch", tmp_path)

@@ -2,7 +2,8 @@
 
 Usage: worker.py OUT_DIR SCENARIO. The scenario names the engine (eager,
 ort, reference, or raw: plain onnxruntime driving the documented contract with a
-hand-written reduction) and the data layout (even, uneven with an empty first
+hand-written reduction; renorm: the eager layer with batch renormalization) and
+the data layout (even, uneven with an empty first
 rank, holed with an empty rank between others, masked, mismatch). Writes
 OUT_DIR/rank<r>.npz with the outputs and moving statistics (or the error
 message) for the test to check.
@@ -95,6 +96,20 @@ def raw_engine(layer, channels, masked, comm):
     return step, lambda: (state["bn/moving_mean"], state["bn/moving_variance"])
 
 
+# Batch renormalization (eager): the global moments must feed s, r and d on every replica.
+RENORM = {"renorm": True, "renorm_clipping": {"rmax": 1.2, "dmax": 0.4}, "renorm_momentum": 0.5}
+RENORM_STATES = ("moving_stddev", "renorm_mean", "renorm_stddev")
+
+
+def initial_weights(channels: int, renorm: bool) -> list[np.ndarray]:
+    """gamma, beta, moving_mean, moving_variance, and with renorm the three extra states."""
+    weights = [np.linspace(0.5, 2, channels), np.linspace(-1, 1, channels),
+               np.zeros(channels), np.ones(channels)]  # fmt: skip
+    if renorm:  # against data of mean 7, stddev 3: r and d are clipped on some channels
+        weights += [np.ones(channels), np.linspace(6, 8, channels), np.linspace(2, 4, channels)]
+    return weights
+
+
 def engines() -> dict:
     from onnxbn import reference, runtime
 
@@ -124,12 +139,12 @@ def main() -> None:
         data = np.concatenate([data, data[..., :1]], axis=-1)
     last = rank == size - 1
     policy = "float64" if scenario.endswith("dtype") and last else None
-    layer = layers.BatchNormalization(synchronized=True, momentum=0.7, name="bn", dtype=policy)
+    renorm = RENORM if scenario.startswith("renorm") else {}
+    layer = layers.BatchNormalization(
+        synchronized=True, momentum=0.7, name="bn", dtype=policy, **renorm
+    )
     layer.build((None, 5, channels))
-    layer.set_weights(
-        [np.linspace(0.5, 2, channels), np.linspace(-1, 1, channels),
-         np.zeros(channels), np.ones(channels)]
-    )  # fmt: skip
+    layer.set_weights(initial_weights(channels, renorm=bool(renorm)))
     table = engines()
     engine = scenario.split("-")[0]
     make = table.get(engine, eager_engine)
@@ -156,6 +171,7 @@ def main() -> None:
         y=np.concatenate(outputs) if outputs else np.zeros(0),
         moving_mean=mean,
         moving_variance=var,
+        **{name: getattr(layer, name).numpy() for name in RENORM_STATES if layer.renorm},
     )
 
 
