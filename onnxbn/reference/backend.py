@@ -19,6 +19,7 @@ from onnx import helper
 from onnx.backend.base import Backend, BackendRep
 
 from onnxbn.reference.interpreter import Interpreter
+from onnxbn.reference.kernels.table import NEWEST_OPSET
 
 
 class ReferenceBackendRep(BackendRep):
@@ -79,7 +80,8 @@ class ReferenceBackend(Backend):
                 others (e.g. the test runner's `rtol`) are ignored.
 
         Raises:
-            NotImplementedError: a node the interpreter cannot run (op type and opset named).
+            NotImplementedError: a node the interpreter cannot run (op type and opset
+                named), an opset newer than it knows, or only another domain imported.
             ValueError: another device, or a malformed model.
         """
         if not cls.supports_device(device):
@@ -104,7 +106,8 @@ class ReferenceBackend(Backend):
     ) -> tuple[np.ndarray, ...]:
         """Runs a single node on `inputs` (a list in node-input order, or a dict).
 
-        `kwargs["opset_version"]` picks the opset (default: the newest onnx knows).
+        `kwargs["opset_version"]` picks the opset (default: the newest that both
+        onnx and the interpreter know).
         """
         if isinstance(inputs, Mapping):
             values = [inputs[name] for name in node.input if name]
@@ -119,7 +122,7 @@ class ReferenceBackend(Backend):
         ]
         graph_outputs = [helper.make_empty_tensor_value_info(n) for n in node.output if n]
         graph = helper.make_graph([node], "run_node", graph_inputs, graph_outputs)
-        opset = kwargs.get("opset_version", onnx.defs.onnx_opset_version())
+        opset = kwargs.get("opset_version", min(onnx.defs.onnx_opset_version(), NEWEST_OPSET))
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
         rep = cls.prepare(model, device)
         return rep.run(dict(zip(names, values)))

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 
 from onnxbn.reference import kernels
-from onnxbn.reference.kernels.table import OUTPUT_COUNT_KEYWORD
+from onnxbn.reference.kernels.table import NEWEST_OPSET, OUTPUT_COUNT_KEYWORD
 from onnxbn.reference.limits import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_DEPTH,
@@ -68,7 +68,9 @@ class Interpreter:
         max_depth: cap on graph nesting through graph attributes.
 
     Raises:
-        NotImplementedError: an op (or its opset) has no kernel.
+        NotImplementedError: an op (or its opset) has no kernel, the opset is
+            newer than the interpreter knows, or the model imports only
+            another domain.
         ValueError: a malformed or unsafe model (see `onnxbn.reference.loading`).
     """
 
@@ -96,13 +98,38 @@ class Interpreter:
 
     @staticmethod
     def _default_opset(model: onnx.ModelProto) -> int:
-        versions = [o.version for o in model.opset_import if o.domain in _DEFAULT_DOMAINS]
-        if not versions:
+        """The opset of the default domain the model imports.
+
+        Raises:
+            ValueError: no opset import at all, or a version below 1 (malformed).
+            NotImplementedError: only other domains, or an opset newer than
+                `NEWEST_OPSET` (well-formed models this interpreter cannot run).
+        """
+        if not model.opset_import:
             raise ValueError(
                 "The model imports no opset of the default ONNX domain; expected an "
                 "opset_import entry with domain ''."
             )
-        return int(max(versions))
+        versions = [o.version for o in model.opset_import if o.domain in _DEFAULT_DOMAINS]
+        if not versions:
+            domains = sorted({o.domain for o in model.opset_import})
+            raise NotImplementedError(
+                f"The model imports only the domain(s) {domains}; the reference interpreter "
+                "runs the default ONNX domain ('' or 'ai.onnx') only."
+            )
+        if min(versions) < 1:
+            raise ValueError(
+                f"The model imports opset {min(versions)} of the default ONNX domain; "
+                "expected a version >= 1."
+            )
+        opset = int(max(versions))
+        if opset > NEWEST_OPSET:
+            raise NotImplementedError(
+                f"The model imports opset {opset} of the default ONNX domain; the reference "
+                f"interpreter knows opsets up to {NEWEST_OPSET}, and an op's meaning may have "
+                "changed since."
+            )
+        return opset
 
     def _compile(self, graph: onnx.GraphProto) -> None:
         constants: dict[str, Any] = {"": None}
@@ -354,7 +381,7 @@ class Interpreter:
             raise NotImplementedError(f"{label}: {error}") from error
         except TypeError as error:
             raise TypeError(f"{label} failed: {error}") from error
-        except (ValueError, ArithmeticError, IndexError, KeyError, MemoryError) as error:
+        except (ValueError, ArithmeticError, IndexError, KeyError) as error:
             raise ValueError(f"{label} failed: {error}") from error
         finally:
             reset_max_bytes(token)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import pytest
@@ -9,6 +11,7 @@ from onnx import TensorProto, helper
 
 import onnxbn.reference
 from onnxbn.reference import Interpreter, backend
+from onnxbn.reference.kernels.table import NEWEST_OPSET
 from tests.reference.helpers import single_node_model, tensor
 
 
@@ -240,10 +243,46 @@ def test_malformed_graph_is_a_value_error(nodes, message):
         Interpreter(model)
 
 
-def test_model_without_default_opset_is_a_value_error():
+@pytest.mark.parametrize("domains", [["ai.onnx.ml"], ["ai.onnx.preview.training", "com.example"]])
+def test_model_importing_only_other_domains_is_not_implemented(domains):
+    # Well-formed but unsupported: onnx.backend.test reports it as such, not as a failure.
     model = _model([helper.make_node("Neg", ["x"], ["y"])], [_float("x", [2])], [_float("y", [2])])
-    model.opset_import[0].domain = "com.example"
+    del model.opset_import[:]
+    model.opset_import.extend(helper.make_opsetid(d, 1) for d in domains)
+    with pytest.raises(NotImplementedError, match=re.escape(str(sorted(domains)))):
+        Interpreter(model)
+    assert not backend.is_compatible(model)
+
+
+def test_model_without_any_opset_import_is_a_value_error():
+    model = _model([helper.make_node("Neg", ["x"], ["y"])], [_float("x", [2])], [_float("y", [2])])
+    del model.opset_import[:]
     with pytest.raises(ValueError, match="imports no opset of the default ONNX domain"):
+        Interpreter(model)
+
+
+@pytest.mark.parametrize("opset", [NEWEST_OPSET + 1, 999])
+def test_opset_newer_than_the_interpreter_knows_is_refused(opset):
+    model = _model(
+        [helper.make_node("Neg", ["x"], ["y"])], [_float("x", [2])], [_float("y", [2])], opset=opset
+    )
+    message = (
+        f"imports opset {opset} of the default ONNX domain; the reference interpreter "
+        f"knows opsets up to {NEWEST_OPSET}"
+    )
+    with pytest.raises(NotImplementedError, match=re.escape(message)):
+        Interpreter(model)
+    assert not backend.is_compatible(model)
+    model.opset_import[0].version = NEWEST_OPSET
+    (y,) = onnxbn.reference.run(model, {"x": np.ones(2, np.float32)})
+    np.testing.assert_array_equal(y, [-1, -1])
+
+
+@pytest.mark.parametrize("version", [0, -3])
+def test_opset_version_below_one_is_a_value_error(version):
+    model = _model([helper.make_node("Neg", ["x"], ["y"])], [_float("x", [2])], [_float("y", [2])])
+    model.opset_import[0].version = version
+    with pytest.raises(ValueError, match=f"imports opset {version} of the default ONNX domain"):
         Interpreter(model)
 
 

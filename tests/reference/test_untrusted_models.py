@@ -265,3 +265,13 @@ def test_undecodable_files_are_value_errors(tmp_path, suffix, content):
         Interpreter(str(path))
     with pytest.raises(FileNotFoundError):
         Interpreter(str(tmp_path / "missing.onnx"))
+
+
+def test_out_of_memory_stays_a_memory_error():
+    # A cap above what the machine can give: NumPy's own MemoryError must reach the
+    # caller as what it is, not disguised as a malformed model.
+    model, feeds = single_node_model("ConstantOfShape", [np.array([2**57], np.int64)])
+    interpreter = Interpreter(model, max_bytes=2**62)
+    with pytest.raises(MemoryError) as info:
+        interpreter.run(feeds)
+    assert not isinstance(info.value, ValueError)

@@ -18,6 +18,12 @@ from typing import Any
 
 from onnxbn.registry import Registry
 
+# The newest opset of the default domain whose schemas this table was checked
+# against (tests/reference/test_kernel_table.py checks every kernel at every
+# opset up to it). A model importing a newer opset is refused: an op may have
+# changed meaning there without a kernel of that since-version existing here.
+NEWEST_OPSET = 28
+
 # Keyword a kernel declares (`wants_output_count=True`) to learn how many
 # outputs the node names: BatchNormalization-9 and Split depend on it.
 OUTPUT_COUNT_KEYWORD = "_num_node_outputs"
