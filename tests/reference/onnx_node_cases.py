@@ -37,11 +37,6 @@ EXCLUSIONS: list[tuple[str, str]] = [
         "(saturation, rounding modes, packing) are not implemented",
     ),
     (
-        r"^test_training_dropout(?!_zero_ratio)",
-        "training-mode Dropout with ratio > 0 is random; the expected masks come from NumPy's "
-        "legacy global RNG, which the spec does not prescribe",
-    ),
-    (
         r"^test_identity_(opt|sequence)$",
         "optional and sequence types are out of scope (tensors only)",
     ),
@@ -93,14 +88,19 @@ def _run(case) -> tuple[str, str]:
 
 
 @functools.lru_cache(maxsize=1)
+def node_cases() -> tuple:
+    """ONNX's backend node test cases (loaded once per process)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the generators' own overflow warnings
+        return tuple(load_model_tests(kind="node"))
+
+
+@functools.lru_cache(maxsize=1)
 def outcomes() -> tuple[Outcome, ...]:
     """Runs every case that touches a supported op type (once per process)."""
     supported = set(supported_ops())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the generators' own overflow warnings
-        cases = load_model_tests(kind="node")
     results = []
-    for case in cases:
+    for case in node_cases():
         types = frozenset(_graph_op_types(case.model.graph))
         if not types & supported:
             continue

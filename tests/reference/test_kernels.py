@@ -355,3 +355,27 @@ def test_float_sum_matches_float64(shape, axes, square, keepdims):
     got = float_sum(x, axes, keepdims, square)
     assert got.dtype == np.float64 and got.shape == expected.shape
     np.testing.assert_allclose(got, expected, rtol=3e-7, atol=0)
+
+
+# ---------------------------------------------------------------- Dropout
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.75])
+def test_training_dropout_scales_what_it_keeps(ratio):
+    x = np.random.default_rng(4).normal(size=(40, 50)).astype(F32)
+    inputs = [x, np.array(ratio, F32), np.array(True)]
+    y, mask = run_node("Dropout", inputs, 2, 13, seed=3)
+    assert mask.dtype == np.bool_ and mask.shape == x.shape
+    _close(y, np.where(mask, x.astype(F64) / (1.0 - float(np.float32(ratio))), 0.0), F32)
+    assert abs(mask.mean() - (1.0 - ratio)) < 0.05  # 2000 draws: within ~4 standard errors
+    again, again_mask = run_node("Dropout", inputs, 2, 13, seed=3)
+    np.testing.assert_array_equal(again_mask, mask)  # a seed makes it repeatable
+    np.testing.assert_array_equal(again, y)
+
+
+@pytest.mark.parametrize("ratio, training", [(0.5, False), (0.0, True)])
+def test_dropout_without_effect_is_the_identity(ratio, training):
+    x = np.arange(6, dtype=F32).reshape(2, 3)
+    y, mask = run_node("Dropout", [x, np.array(ratio, F32), np.array(training)], 2, 13)
+    np.testing.assert_array_equal(y, x)
+    assert mask.all() and mask.dtype == np.bool_

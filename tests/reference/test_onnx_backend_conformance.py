@@ -11,8 +11,8 @@ import re
 
 import pytest
 
-from onnxbn.reference import supported_ops
-from tests.reference.onnx_node_cases import EXCLUSIONS, outcomes
+from onnxbn.reference import backend, supported_ops
+from tests.reference.onnx_node_cases import EXCLUSIONS, node_cases, outcomes
 
 
 def _describe(failures) -> str:
@@ -49,3 +49,18 @@ def test_not_implemented_cases_use_an_op_without_kernel() -> None:
         o.name for o in outcomes() if o.status == "not implemented" and o.op_types <= supported
     ]
     assert not wrong
+
+
+def test_cases_of_other_domains_are_unsupported_not_failed() -> None:
+    # ai.onnx.ml and ai.onnx.preview.training models are well formed: the backend test
+    # runner must be able to skip them (is_compatible False, NotImplementedError).
+    others = [
+        c for c in node_cases() if not {o.domain for o in c.model.opset_import} & {"", "ai.onnx"}
+    ]
+    assert len(others) >= 15
+    for case in others:
+        assert not backend.is_compatible(case.model), case.name
+        with pytest.raises(NotImplementedError) as info:
+            backend.prepare(case.model)
+        for domain in {o.domain for o in case.model.opset_import}:
+            assert repr(domain) in str(info.value), case.name

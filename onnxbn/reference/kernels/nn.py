@@ -170,7 +170,9 @@ def dropout_12(
         return data, np.ones(data.shape, dtype=np.bool_)
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"Dropout ratio must lie in [0, 1), received {rate}.")
-    # Training-mode dropout is random by definition; `seed` makes it repeatable here.
-    keep = np.random.default_rng(seed).uniform(size=data.shape) >= rate
-    scaled = data.astype(float_compute_dtype(data.dtype)) * keep / (1.0 - rate)
+    # The spec leaves the random stream to the runtime; for a given `seed` this is
+    # onnx.reference's (a legacy RandomState), so the two give the same mask. No
+    # seed: a fresh one, as the spec asks.
+    keep = np.random.RandomState(seed).uniform(0.0, 1.0, data.shape) >= rate
+    scaled = keep * data.astype(float_compute_dtype(data.dtype)) * (1.0 / (1.0 - rate))
     return as_array(scaled, data.dtype), keep
