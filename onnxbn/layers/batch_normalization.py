@@ -22,6 +22,7 @@ from onnxbn.layers.moments import (
     check_mask_rank,
     normalize_axis,
 )
+from onnxbn.layers.registry import register_layer
 from onnxbn.layers.renormalization import (
     RENORM_WEIGHTS,
     batch_renormalization,
@@ -29,7 +30,6 @@ from onnxbn.layers.renormalization import (
     check_renorm_momentum,
     renorm_initializers,
 )
-from onnxbn.layers.registry import register_layer
 from onnxbn.tensor import SymbolicTensor
 
 

@@ -103,8 +103,7 @@ def check_renorm_clipping(renorm_clipping: Any, *, renorm: bool = True) -> dict 
         )
     if dmax is not None and dmax < 0:
         raise ValueError(
-            "dmax should be non-negative in the `renorm_clipping` argument. "
-            f"Received: dmax={dmax}."
+            f"dmax should be non-negative in the `renorm_clipping` argument. Received: dmax={dmax}."
         )
     return clipping
 
@@ -270,7 +269,9 @@ def batch_renormalization(
         )
         scale, offset = r * g, d * g + b
         if has_statistics:
-            states = _updated_states(states, mean, variance, momentum, renorm_momentum, epsilon, out)
+            states = _updated_states(
+                states, mean, variance, momentum, renorm_momentum, epsilon, out
+            )
     else:
         mean, variance = states[0], states[1]
         scale, offset = g, b

@@ -230,9 +230,7 @@ def test_weights_order_and_set_weights_through_a_model():
     x = onnxbn.Input(shape=(3,), name="x")
     bn = layers.BatchNormalization(renorm=True, name="bn")
     model = onnxbn.Model(x, bn(x))
-    assert [w.path for w in model.weights] == [
-        f"bn/{n}" for n in ("gamma", "beta", *STATES)
-    ]
+    assert [w.path for w in model.weights] == [f"bn/{n}" for n in ("gamma", "beta", *STATES)]
     values = [np.full(3, i + 1.0, np.float32) for i in range(7)]
     model.set_weights(values)
     for got, want in zip(model.get_weights(), values):
