@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -230,3 +231,111 @@ def test_resnet_eager_shapes_and_config_entries():
     args = entries["block_add"]["inbound_nodes"][0]["args"]
     assert [ref["config"]["keras_history"][0] for ref in args[0]] == ["stem_relu", "block_bn"]
     assert entries["stem"]["config"]["kernel_size"] == [3, 3]
+
+
+# ---------------------------------------------------------------- shared layers
+
+
+def history(ref: dict) -> list:
+    return ref["config"]["keras_history"]
+
+
+def relu_tanh_config() -> dict:
+    """The shared `tanh` listed before `relu`, whose output its first call takes."""
+    x = onnxbn.Input(shape=(6,), name="x")
+    tanh = layers.Activation("tanh", name="tanh")
+    outputs = [tanh(layers.Activation("relu", name="relu")(x)), tanh(x)]
+    config = json.loads(json.dumps(onnxbn.Model(x, outputs, name="m").get_config()))
+    entries = {e["name"]: e for e in config["layers"]}
+    config["layers"] = [entries["x"], entries["tanh"], entries["relu"]]
+    return config
+
+
+def test_a_shared_layers_first_call_may_depend_on_a_later_layer():
+    config = relu_tanh_config()
+    assert [history(n["args"][0]) for n in config["layers"][1]["inbound_nodes"]] == [
+        ["relu", 0, 0],
+        ["x", 0, 0],
+    ]
+    model = onnxbn.Model.from_config(config)
+    x = np.linspace(-2, 2, 12).reshape(2, 6)
+    first, second = model(x.astype(np.float32))
+    np.testing.assert_allclose(first, np.tanh(np.maximum(x, 0.0)), *TOLERANCES["float32"])
+    np.testing.assert_allclose(second, np.tanh(x), *TOLERANCES["float32"])
+    tanh = model.get_layer("tanh")
+    assert tanh.input is model.get_layer("relu").output  # `input` is the first call's
+
+
+def shared_layers_config() -> dict:
+    return json.loads((FIXTURES / "shared_layers_model.json").read_text())["get_config"]
+
+
+def bn_training(x, moving_mean, moving_var, momentum=0.9, epsilon=1e-3):
+    """BatchNormalization in training mode (gamma 1, beta 0), float64."""
+    mean, var = x.mean(0), x.var(0)
+    y = (x - mean) / np.sqrt(var + epsilon)
+    return (
+        y,
+        moving_mean * momentum + mean * (1 - momentum),
+        moving_var * momentum + var * (1 - momentum),
+    )
+
+
+def test_shared_layers_fixture_keeps_each_layers_calls_in_config_order():
+    model = onnxbn.Model.from_config(shared_layers_config())
+    rng = np.random.default_rng(21)
+    x = rng.normal(size=(5, 6)).astype(np.float32)
+    z = (rng.normal(size=(5, 6)) * 2 + 1).astype(np.float32)
+    b0, b1, t1 = model([x, z])  # both bn calls recorded training=True
+    x64, z64 = x.astype(np.float64), z.astype(np.float64)
+    expected_t1 = np.tanh(x64)
+    # Keras runs nodes by decreasing depth, then walk order: bn's call on the sum first.
+    y0, mean, var = bn_training(np.tanh(np.maximum(x64, 0)) + z64, np.zeros(6), np.ones(6))
+    y1, mean, var = bn_training(expected_t1, mean, var)
+    tolerance = TOLERANCES["float32"]
+    np.testing.assert_allclose(b0, y0, *tolerance)
+    np.testing.assert_allclose(b1, y1, *tolerance)
+    np.testing.assert_allclose(t1, expected_t1, *tolerance)
+    bn = model.get_layer("bn")
+    np.testing.assert_allclose(bn.moving_mean.numpy(), mean, *tolerance)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), var, *tolerance)
+    assert bn.input is model.get_layer("add").output
+
+
+def test_shared_layers_fixture_round_trips():
+    config = shared_layers_config()
+    written = json.loads(json.dumps(onnxbn.Model.from_config(config).get_config()))
+    assert by_name(written) == by_name(config)
+    assert onnxbn.Model.from_config(written).get_config() == written
+
+
+def test_config_numbers_a_layers_calls_in_call_order():
+    # tanh's second call runs first (it is deeper), yet Keras numbers nodes by call.
+    x = onnxbn.Input(shape=(6,), name="x")
+    tanh = layers.Activation("tanh", name="tanh")
+    shallow = tanh(layers.Activation("relu", name="relu")(x))
+    deep = layers.Dense(6, name="d2")(layers.Dense(6, name="d1")(tanh(x)))
+    model = onnxbn.Model(x, [deep, shallow])
+    ran = [n for n in model.nodes if n.operation is tanh]
+    assert ran == tanh._inbound_nodes[::-1]  # the case this test is about
+    config = json.loads(json.dumps(model.get_config()))
+    entries = {e["name"]: e for e in config["layers"]}
+    assert [history(n["args"][0]) for n in entries["tanh"]["inbound_nodes"]] == [
+        ["relu", 0, 0],
+        ["x", 0, 0],
+    ]
+    assert history(entries["d1"]["inbound_nodes"][0]["args"][0]) == ["tanh", 1, 0]
+    assert config["output_layers"] == [["d2", 0, 0], ["tanh", 0, 0]]
+    rebuilt = onnxbn.Model.from_config(config)
+    rebuilt.set_weights(model.get_weights())
+    data = np.random.default_rng(2).normal(size=(3, 6)).astype(np.float32)
+    for got, want in zip(rebuilt(data), model(data)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_reference_no_layer_produces_is_named():
+    config = relu_tanh_config()
+    config["layers"][1]["inbound_nodes"][0]["args"][0]["config"]["keras_history"] = ["relu", 3, 0]
+    message = "node 0 of layer 'tanh' references tensor ['relu', 3, 0], which no layer produces"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        onnxbn.Model.from_config(config)
