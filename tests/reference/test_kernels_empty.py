@@ -29,7 +29,14 @@ def ints(*values: int) -> np.ndarray:
 # id, op, opset, inputs, attributes, expected outputs (exact values and dtypes)
 CASES = [
     # Reductions over an empty axis yield each reduction's identity (ReduceSum-13 / -18 docs).
-    ("reduce-sum-empty-axis", "ReduceSum", 13, [rows(0), ints(0)], {"keepdims": 0}, [np.zeros(3, F32)]),
+    (
+        "reduce-sum-empty-axis",
+        "ReduceSum",
+        13,
+        [rows(0), ints(0)],
+        {"keepdims": 0},
+        [np.zeros(3, F32)],
+    ),
     ("reduce-sum-1-empty-axis", "ReduceSum", 1, [rows(0)], {"axes": [0]}, [np.zeros((1, 3), F32)]),
     (
         "reduce-sum-square-empty-axis",
@@ -39,8 +46,22 @@ CASES = [
         {"keepdims": 0},
         [np.zeros(3, F32)],
     ),
-    ("reduce-l2-empty-axis", "ReduceL2", 18, [rows(0), ints(0)], {"keepdims": 0}, [np.zeros(3, F32)]),
-    ("reduce-prod-empty-axis", "ReduceProd", 18, [rows(0), ints(0)], {"keepdims": 0}, [np.ones(3, F32)]),
+    (
+        "reduce-l2-empty-axis",
+        "ReduceL2",
+        18,
+        [rows(0), ints(0)],
+        {"keepdims": 0},
+        [np.zeros(3, F32)],
+    ),
+    (
+        "reduce-prod-empty-axis",
+        "ReduceProd",
+        18,
+        [rows(0), ints(0)],
+        {"keepdims": 0},
+        [np.ones(3, F32)],
+    ),
     (
         "reduce-max-empty-axis",
         "ReduceMax",
@@ -82,7 +103,14 @@ CASES = [
         {"keepdims": 1},
         [np.zeros((0, 1), F32)],
     ),
-    ("reduce-sum-other-axis", "ReduceSum", 13, [rows(0), ints(1)], {"keepdims": 0}, [np.zeros(0, F32)]),
+    (
+        "reduce-sum-other-axis",
+        "ReduceSum",
+        13,
+        [rows(0), ints(1)],
+        {"keepdims": 0},
+        [np.zeros(0, F32)],
+    ),
     ("argmax-other-axis", "ArgMax", 13, [rows(0)], {"axis": 1, "keepdims": 0}, [np.zeros(0, I64)]),
     # Gather and MatMul/Gemm with zero rows (the masked and synchronized statistics).
     ("gather-no-indices", "Gather", 13, [rows(4), ints()], {"axis": 0}, [np.zeros((0, 3), F32)]),
@@ -143,7 +171,14 @@ CASES = [
     ("tile-empty", "Tile", 13, [rows(0), ints(3, 2)], {}, [np.zeros((0, 6), F32)]),
     ("tile-zero-repeats", "Tile", 13, [rows(2), ints(0, 1)], {}, [np.zeros((0, 3), F32)]),
     ("transpose-empty", "Transpose", 13, [rows(0)], {}, [np.zeros((3, 0), F32)]),
-    ("squeeze-empty", "Squeeze", 13, [np.zeros((0, 1, 3), F32), ints(1)], {}, [np.zeros((0, 3), F32)]),
+    (
+        "squeeze-empty",
+        "Squeeze",
+        13,
+        [np.zeros((0, 1, 3), F32), ints(1)],
+        {},
+        [np.zeros((0, 3), F32)],
+    ),
     ("unsqueeze-empty", "Unsqueeze", 13, [rows(0), ints(-1)], {}, [np.zeros((0, 3, 1), F32)]),
     ("shape-of-empty", "Shape", 15, [rows(0)], {}, [ints(0, 3)]),
     ("size-of-empty", "Size", 13, [rows(0)], {}, [np.array(0, I64)]),
