@@ -49,6 +49,9 @@ def relu(
         An array of `x`'s shape and float dtype.
     """
     x64, out = _float64(x)
+    # Keras casts the threshold to the data's dtype: float32 data equal to float32(0.1)
+    # is not above a threshold of 0.1, though it is above float64(0.1).
+    threshold = float(out.type(threshold))
     with np.errstate(invalid="ignore", over="ignore"):
         if threshold != 0:
             # Keras multiplies by the comparison, so NaN and -inf below it give NaN.
@@ -158,8 +161,9 @@ def serialize(activation: Callable[..., np.ndarray]) -> str:
 
 
 def _compute(layer: Layer, x: np.ndarray, fn: Callable[..., np.ndarray], **params: Any):
-    y = fn(np.asarray(x, dtype=np.float64), **params)
-    return y.astype(to_numpy_dtype(layer.compute_dtype))
+    # The function sees the data in the compute dtype, where Keras compares it with constants.
+    dtype = to_numpy_dtype(layer.compute_dtype)
+    return fn(np.asarray(x, dtype=dtype), **params).astype(dtype)
 
 
 @register_layer("keras.layers")

@@ -216,3 +216,17 @@ def test_mask_passes_through(make):
     x = onnxbn.Input(shape=(None, 3))
     masked = layers.Masking()(x)
     assert make()(masked).mask is masked.mask
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_float16", "float64"])
+def test_relu_threshold_is_compared_in_the_data_dtype(policy):
+    # Keras casts the threshold to the data's dtype: data equal to that rounded threshold
+    # is not above it (float32(0.1) > float64(0.1), but not > float32(0.1)).
+    layer = layers.ReLU(threshold=0.1, negative_slope=0.5, dtype=policy)
+    dtype = np.dtype(np.float16 if policy == "mixed_float16" else policy)
+    x = np.array([0.1, 0.2, 0.05], np.float32)
+    data, t = x.astype(dtype).astype(np.float64), float(dtype.type(0.1))
+    expected = np.where(data > t, data, 0.5 * (data - t))  # float64 formula, rounded threshold
+    np.testing.assert_allclose(layer(x).astype(np.float64), expected, rtol=1e-3, atol=1e-6)
+    assert (layer(x)[0] == 0.0) == (policy != "float64")
+    np.testing.assert_array_equal(activations.relu(x, threshold=0.1)[0], 0.0)
