@@ -6,7 +6,8 @@
   are refused.
 - Every tensor's declared size is checked against the data behind it and
   against the allocation cap before anything is allocated.
-- Protobuf and onnx errors become `ValueError`; OS errors pass through.
+- Protobuf and onnx errors become `ValueError`; OS errors and `MemoryError`
+  pass through.
 """
 
 from __future__ import annotations
@@ -78,8 +79,8 @@ def load_model(
         path = os.fspath(model)
         try:
             proto = onnx.load(path, load_external_data=False)
-        except OSError:
-            raise
+        except (OSError, MemoryError):
+            raise  # the machine's limits, not a malformed file
         except Exception as error:  # protobuf/JSON/text parse errors of any class
             raise ValueError(f"Could not decode the ONNX model {path!r}: {error}") from None
         return proto, os.path.dirname(os.path.abspath(path))

@@ -275,3 +275,17 @@ def test_out_of_memory_stays_a_memory_error():
     with pytest.raises(MemoryError) as info:
         interpreter.run(feeds)
     assert not isinstance(info.value, ValueError)
+
+
+def test_out_of_memory_while_parsing_a_file_stays_a_memory_error(tmp_path, monkeypatch):
+    # Parsing a very large file can exhaust memory; that is not a malformed file.
+    model, _ = single_node_model("Neg", [np.ones(2, np.float32)])
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+
+    def exhausted(*args, **kwargs):
+        raise MemoryError("no room")
+
+    monkeypatch.setattr(onnx, "load", exhausted)
+    with pytest.raises(MemoryError, match="no room"):
+        Interpreter(str(path))
