@@ -43,7 +43,8 @@ def _sum(data: np.ndarray, axes: tuple, keepdims: bool) -> np.ndarray:
 
 
 def _mean(data: np.ndarray, axes: tuple, keepdims: bool) -> np.ndarray:
-    # 0 / 0 is NaN: the mean of an empty set, as the spec's sum / count gives.
+    # The spec leaves the mean of an empty set undefined; sum / count = 0 / 0 = NaN here
+    # (as in onnx.reference), so a graph relying on onnxruntime's 0 shows it.
     return float_mean(data, axes, keepdims)
 
 
