@@ -1,6 +1,7 @@
 """onnxbn: Keras's BatchNormalization, exact, fast and portable in ONNX."""
 
 from onnxbn import distributed, layers, reference, runtime
+from onnxbn.contract import initial_state
 from onnxbn.dtypes import DTypePolicy
 from onnxbn.export import export_onnx
 from onnxbn.model import Model
@@ -22,6 +23,7 @@ __all__ = [
     "Variable",
     "distributed",
     "export_onnx",
+    "initial_state",
     "layers",
     "reference",
     "reset_names",

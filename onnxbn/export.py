@@ -17,7 +17,8 @@ from onnx import helper
 import onnxbn.lowering  # noqa: F401 - registers every lowering rule
 from onnxbn.layers.input_layer import InputLayer
 from onnxbn.layers.layer import Layer
-from onnxbn.lowering.context import STATE_OUTPUT_SUFFIX, LoweringContext, Value, onnx_dtype
+from onnxbn.contract import INITIAL_STATE_KEY, STATE_SUFFIX, encode_initial_state
+from onnxbn.lowering.context import LoweringContext, Value, onnx_dtype
 from onnxbn.lowering.folding import fold_batchnorm_nodes
 from onnxbn.lowering.input_layer import declare_input, input_dims
 from onnxbn.lowering.registry import lookup_lowering
@@ -53,12 +54,13 @@ def export_onnx(
     Graph inputs are the model's inputs in order and under their names; graph
     outputs its outputs in order. Every `None` dim is dynamic (a `dim_param`;
     axis 0 is `batch`). A training export adds, for every trainable
-    BatchNormalization called in training mode, in graph order, the inputs
-    `<layer>/moving_mean`, `<layer>/moving_variance` (each also an initializer
-    with the current value, so feeding them is optional) after the model's
+    BatchNormalization called in training mode, in graph order, the plain
+    inputs `<layer>/moving_mean`, `<layer>/moving_variance` after the model's
     inputs, and the outputs `<layer>/moving_mean/new`, `<layer>/moving_variance/new`
-    after the model's outputs. Feeding each `/new` output back as the next
-    input carries the state, from any language.
+    after the model's outputs; their starting values (the layer's current
+    ones) are in the model's metadata (`onnxbn.initial_state` reads them, the
+    format is in `onnxbn/contract.py`). Feeding the starting values, then each
+    `/new` output back as the next input, carries the state, from any language.
 
     Args:
         model_or_layer: an `onnxbn.Model`, or a layer that was called on
@@ -247,7 +249,7 @@ def _export(
     graph_outputs += ctx.state_outputs()
     graph_outputs += ctx.sync_outputs
     graph_inputs = ctx.inputs + ctx.sync_inputs
-    used = _names_read(ctx.nodes) | set(ctx.state) | {i.name for i in ctx.sync_inputs}
+    used = _names_read(ctx.nodes) | {i.name for i in ctx.sync_inputs}
     ctx.initializers[:] = [t for t in ctx.initializers if t.name in used]
     graph = helper.make_graph(ctx.nodes, name, graph_inputs, graph_outputs, ctx.initializers)
     opset_ids = [helper.make_opsetid("", opset)]
@@ -335,8 +337,11 @@ def _set_metadata(model, nodes: list[Node], training: bool | None, ctx) -> None:
     from onnxbn.layers.registry import serialize
 
     entries = {"onnxbn:training": json.dumps(training)}
-    state = [[slot.path, slot.path + STATE_OUTPUT_SUFFIX] for slot in ctx.state.values()]
+    state = [[slot.path, slot.path + STATE_SUFFIX] for slot in ctx.state.values()]
     entries["onnxbn:state"] = json.dumps(state)
+    if ctx.state:
+        initial = {slot.path: slot.initial for slot in ctx.state.values()}
+        entries[INITIAL_STATE_KEY] = encode_initial_state(initial)
     for node in nodes:
         op = node.operation
         key = METADATA_LAYER_PREFIX + op.name

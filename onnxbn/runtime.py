@@ -27,6 +27,7 @@ import onnxruntime
 from google.protobuf.message import DecodeError
 from onnx import TensorProto
 
+from onnxbn.contract import load_model
 from onnxbn.session import StatefulSession
 
 CPU = "CPUExecutionProvider"
@@ -48,29 +49,6 @@ def _ort_errors() -> tuple[type[BaseException], ...]:
 
 
 ORT_ERRORS = _ort_errors()
-
-
-def load_model(model_or_path: Any) -> onnx.ModelProto:
-    """A ModelProto from itself, a path, or serialized bytes.
-
-    Raises:
-        TypeError: anything else.
-        ValueError: bytes or a file that is not an ONNX model.
-        OSError: the file cannot be read (unchanged).
-    """
-    if isinstance(model_or_path, onnx.ModelProto):
-        return model_or_path
-    try:
-        if isinstance(model_or_path, (bytes, bytearray)):
-            return onnx.load_from_string(bytes(model_or_path))
-        if isinstance(model_or_path, (str, os.PathLike)):
-            return onnx.load(os.fspath(model_or_path))
-    except (DecodeError, onnx.checker.ValidationError) as error:
-        raise ValueError(f"Not a valid ONNX model: {error}") from error
-    raise TypeError(
-        "Session expects an onnx.ModelProto, a path or bytes, received "
-        f"{type(model_or_path).__name__}."
-    )
 
 
 def _check_providers(providers: Any) -> list[Any]:
@@ -129,7 +107,7 @@ class Session(StatefulSession):
         super().__init__(model, comm=comm)
         data = model.SerializeToString()
         options = onnxruntime.SessionOptions()
-        options.log_severity_level = 3  # state inputs with initializers warn by design
+        options.log_severity_level = 3
         if providers is None:
             choices = [[CPU]]
             if CUDA in onnxruntime.get_available_providers():

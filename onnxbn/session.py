@@ -1,10 +1,11 @@
 """What every onnxbn session shares: feed checking and moving-statistic state carrying.
 
 An exported training graph has, for each BatchNormalization layer in training
-mode, a state input `<layer>/moving_mean` (also an initializer holding the
-export-time value) and a state output `<layer>/moving_mean/new`. A session feeds
-the current state and keeps the `/new` outputs for the next call. Engines
-(onnxruntime, the NumPy reference interpreter) only implement `_execute`.
+mode, plain state inputs such as `<layer>/moving_mean` and state outputs
+`<layer>/moving_mean/new` (the contract: `onnxbn/contract.py`). A session starts
+from `initial_state(model)`, feeds the current state and keeps the `/new`
+outputs for the next call. Engines (onnxruntime, the NumPy reference
+interpreter) only implement `_execute`.
 """
 
 from __future__ import annotations
@@ -15,14 +16,9 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
-STATE_SUFFIX = "/new"
-# Synchronized BatchNormalization (see onnxbn/lowering/synchronized.py).
-SYNC_FLAG = "synchronize"
-PARTIAL_SUFFIX = "/partial_moments"
-GLOBAL_SUFFIX = "/global_moments"
-
+from onnxbn.contract import SYNC_FLAG, initial_state, state_pairs, sync_pairs
 
 class FeedSpec:
     """Name, NumPy dtype and static shape (None for dynamic dims) of a graph input."""
@@ -46,19 +42,6 @@ def value_info_spec(value_info: onnx.ValueInfoProto) -> FeedSpec:
             d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim
         )
     return FeedSpec(value_info.name, dtype, shape)
-
-
-def state_pairs(graph: onnx.GraphProto) -> list[tuple[str, str]]:
-    """`(state input, state output)` pairs of a training export, in graph order."""
-    input_names = {i.name for i in graph.input}
-    initializer_names = {t.name for t in graph.initializer}
-    pairs = []
-    for output in graph.output:
-        if output.name.endswith(STATE_SUFFIX):
-            source = output.name[: -len(STATE_SUFFIX)]
-            if source in input_names and source in initializer_names:
-                pairs.append((source, output.name))
-    return pairs
 
 
 def convert_feed(name: str, value: Any, spec: FeedSpec) -> np.ndarray:
@@ -103,18 +86,6 @@ def convert_feed(name: str, value: Any, spec: FeedSpec) -> np.ndarray:
                     f"{_show(spec.shape)}."
                 )
     return array
-
-
-def sync_pairs(graph: onnx.GraphProto) -> list[tuple[str, str]]:
-    """`(partial output, global input)` of each synchronized call, in graph order."""
-    input_names = {i.name for i in graph.input}
-    pairs = []
-    for output in graph.output:
-        if output.name.endswith(PARTIAL_SUFFIX):
-            target = output.name[: -len(PARTIAL_SUFFIX)] + GLOBAL_SUFFIX
-            if target in input_names:
-                pairs.append((output.name, target))
-    return pairs
 
 
 def _collectively(comm: Any, fn: Any) -> Any:
@@ -167,7 +138,7 @@ class StatefulSession:
         self._required = [n for n in self._input_specs if n not in initializers]
         self._output_names = [o.name for o in graph.output if o.name not in state_outputs]
         self._all_output_names = [o.name for o in graph.output]
-        self._state = {name: numpy_helper.to_array(initializers[name]) for name, _ in self._pairs}
+        self._state = initial_state(model)
         self._lock = threading.Lock()
 
     @property

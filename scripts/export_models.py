@@ -3,12 +3,12 @@
 Layout (ONNX backend test data):
 
     models/<name>_<variant>/model.onnx
-    models/<name>_<variant>/test_data_set_0/input_<i>.pb   # the model's inputs, in order
+    models/<name>_<variant>/test_data_set_0/input_<i>.pb   # every graph input, in order
     models/<name>_<variant>/test_data_set_0/output_<i>.pb  # every graph output, in order
 
 Expected outputs come from the eager model; a training variant's outputs also
-hold the updated moving statistics (`<layer>/moving_*/new`), and its state
-inputs keep their initializer values (they are not fed).
+hold the updated moving statistics (`<layer>/moving_*/new`), and its inputs
+the starting state (`onnxbn.initial_state`) after the model's inputs.
 
 Usage:
     python scripts/export_models.py [--out models] [--check]
@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from models.zoo import MODELS  # noqa: E402
-from onnxbn import export_onnx  # noqa: E402
+from onnxbn import export_onnx, initial_state  # noqa: E402
 from onnxbn.runtime import Session  # noqa: E402
 
 VARIANTS = {"inference": False, "training": True}
@@ -58,9 +58,11 @@ def export_all(out: str, check: bool) -> list[str]:
             data = os.path.join(folder, "test_data_set_0")
             os.makedirs(data)
             proto = export_onnx(model, os.path.join(folder, "model.onnx"), training=training)
-            for i, tensor in enumerate(model.inputs):
-                array = np.asarray(sample[tensor.name])
-                _write(numpy_helper.from_array(array, tensor.name), data, f"input_{i}.pb")
+            # Every graph input, in order: the model's, then the starting state.
+            feeds = {t.name: np.asarray(sample[t.name]) for t in model.inputs}
+            feeds.update(initial_state(proto))
+            for i, (input_name, array) in enumerate(feeds.items()):
+                _write(numpy_helper.from_array(array, input_name), data, f"input_{i}.pb")
             expected = expected_outputs(model, sample, training, proto)
             for i, (output_name, array) in enumerate(expected):
                 _write(numpy_helper.from_array(np.asarray(array), output_name), data,
@@ -78,14 +80,14 @@ def _write(tensor: onnx.TensorProto, folder: str, filename: str) -> None:
 
 
 def _check(proto, sample, expected) -> None:
-    """onnxruntime reproduces the stored outputs (plain session, state not fed)."""
+    """onnxruntime reproduces the stored outputs (plain session, starting state fed)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(proto.SerializeToString(), options,
                                    providers=["CPUExecutionProvider"])  # fmt: skip
-    results = session.run(None, sample)
+    results = session.run(None, {**sample, **initial_state(proto)})
     for (name, want), got in zip(expected, results):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)
     Session(proto).run(sample)

@@ -3,13 +3,13 @@
 Layout (ONNX backend test data):
 
     models/<name>_<variant>/model.onnx
-    models/<name>_<variant>/test_data_set_0/input_<i>.pb   # the model's inputs, in order
+    models/<name>_<variant>/test_data_set_0/input_<i>.pb   # every graph input, in order
     models/<name>_<variant>/test_data_set_0/output_<i>.pb  # every graph output, in order
 
 Expected outputs come from the eager model (`model(inputs, training=...)`); a
 training variant's outputs also hold the eager layers' updated moving
-statistics (`<layer>/moving_*/new`), and its state inputs keep their
-initializer values (they are not fed). The inference variant is exported with
+statistics (`<layer>/moving_*/new`), and its inputs the starting state
+(`onnxbn.initial_state`) after the model's inputs. The inference variant is exported with
 `fold_batchnorm=True` (the default).
 
 Usage:
@@ -31,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from models.real_models import MODELS  # noqa: E402
-from onnxbn import export_onnx  # noqa: E402
+from onnxbn import export_onnx, initial_state  # noqa: E402
 
 VARIANTS = {"inference": False, "training": True}
 STATE_SUFFIX = "/new"
@@ -65,10 +65,11 @@ def export_variant(name: str, builder, variant: str, out: str) -> tuple:
     data = os.path.join(folder, "test_data_set_0")
     os.makedirs(data)
     proto = export_onnx(model, os.path.join(folder, "model.onnx"), training=training)
-    for i, tensor in enumerate(model.inputs):
-        _write(
-            numpy_helper.from_array(np.asarray(sample[tensor.name]), tensor.name), data, i, "input"
-        )
+    # Every graph input, in order: the model's, then the starting state.
+    feeds = {t.name: np.asarray(sample[t.name]) for t in model.inputs}
+    feeds.update(initial_state(proto))
+    for i, (input_name, array) in enumerate(feeds.items()):
+        _write(numpy_helper.from_array(array, input_name), data, i, "input")
     expected = expected_outputs(model, sample, training, proto)
     for i, (output_name, array) in enumerate(expected):
         _write(numpy_helper.from_array(np.asarray(array), output_name), data, i, "output")
@@ -81,7 +82,7 @@ def _write(tensor: onnx.TensorProto, folder: str, index: int, kind: str) -> None
 
 
 def check(proto: onnx.ModelProto, sample: dict, expected: list) -> float:
-    """onnxruntime (plain session, state not fed) reproduces the stored outputs; max error."""
+    """onnxruntime (plain session, starting state fed) reproduces the stored outputs; max error."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -89,7 +90,7 @@ def check(proto: onnx.ModelProto, sample: dict, expected: list) -> float:
     session = ort.InferenceSession(
         proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
     )
-    results = session.run(None, sample)
+    results = session.run(None, {**sample, **initial_state(proto)})
     worst = 0.0
     for (name, want), got in zip(expected, results):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)

@@ -154,12 +154,15 @@ def test_committed_test_data_is_current(name, variant):
 
     model, sample = MODELS[name]()
     inputs, outputs = load("input"), load("output")
-    assert [n for n, _ in inputs] == [t.name for t in model.inputs]
-    for tensor_name, array in inputs:
-        np.testing.assert_array_equal(array, sample[tensor_name])
     proto = onnx.load(os.path.join(os.path.dirname(folder), "model.onnx"))
-    assert [n for n, _ in outputs] == [o.name for o in proto.graph.output]
+    # Every graph input: the model's, then the starting state (the layers' weights).
+    assert [n for n, _ in inputs] == [i.name for i in proto.graph.input]
+    assert [n for n, _ in inputs][: len(model.inputs)] == [t.name for t in model.inputs]
     variables = {v.path: v for v in model.weights}
+    for tensor_name, array in inputs:
+        want = sample[tensor_name] if tensor_name in sample else variables[tensor_name].numpy()
+        np.testing.assert_array_equal(array, want)
+    assert [n for n, _ in outputs] == [o.name for o in proto.graph.output]
     y = model(sample, training=VARIANTS[variant])
     fresh = [y] + [variables[n[: -len("/new")]].numpy() for n, _ in outputs[1:]]
     for (tensor_name, stored), want in zip(outputs, fresh):

@@ -8,7 +8,8 @@ import collections
 import onnx
 
 from onnxbn.cli.files import load_model
-from onnxbn.session import state_pairs, value_info_spec
+from onnxbn.contract import state_pairs
+from onnxbn.session import value_info_spec
 
 NAME = "inspect"
 HELP = "describe an ONNX model (inputs, outputs, state, ops, opset, metadata)"

@@ -18,9 +18,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxbn.contract import STATE_SUFFIX
 from onnxbn.dtypes import standardize_dtype, to_numpy_dtype
-
-STATE_OUTPUT_SUFFIX = "/new"
 
 
 def onnx_dtype(dtype: str) -> int:
@@ -54,10 +53,11 @@ class Value:
 class StateSlot:
     """One moving statistic carried through a training export."""
 
-    path: str  # `<layer>/moving_mean`: graph input and initializer name
+    path: str  # `<layer>/moving_mean`: the plain graph input's name
     dtype: str
     shape: tuple[int, ...]
     current: Value  # the latest value (the input until a call updates it)
+    initial: np.ndarray  # the starting value, kept in the model's metadata
 
 
 class LoweringContext:
@@ -223,19 +223,19 @@ class LoweringContext:
     def read_state(self, path: str, value: np.ndarray, dtype: str) -> Value:
         """Current value of the state `path`, declaring it on first use.
 
-        The first read creates the graph input `path` with an initializer
-        holding `value`, so feeding it is optional.
+        The first read creates the plain graph input `path` (never backed by
+        an initializer: several runtimes fold such inputs into constants);
+        `value` becomes its starting value in the model's metadata.
         """
         slot = self.state.get(path)
         if slot is None:
             data = np.asarray(value).astype(to_numpy_dtype(dtype))
             self.reserve(path)
-            self.reserve(path + STATE_OUTPUT_SUFFIX)
+            self.reserve(path + STATE_SUFFIX)
             self.inputs.append(
                 helper.make_tensor_value_info(path, onnx_dtype(dtype), list(data.shape))
             )
-            self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(data), path))
-            slot = StateSlot(path, dtype, tuple(data.shape), Value(path, dtype, data.shape))
+            slot = StateSlot(path, dtype, tuple(data.shape), Value(path, dtype, data.shape), data)
             self.state[path] = slot
         return slot.current
 
@@ -282,7 +282,7 @@ class LoweringContext:
         """Names the final value of every state `<path>/new` and declares the outputs."""
         outputs = []
         for slot in self.state.values():
-            target = slot.path + STATE_OUTPUT_SUFFIX
+            target = slot.path + STATE_SUFFIX
             if slot.current.name == slot.path:
                 self.nodes.append(
                     helper.make_node(

@@ -11,7 +11,8 @@ from onnx import numpy_helper
 
 from onnxbn.reference.interpreter import Interpreter
 from onnxbn.reference.limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_DEPTH
-from onnxbn.session import StatefulSession, state_pairs
+from onnxbn.contract import state_pairs
+from onnxbn.session import StatefulSession
 
 
 class Session(StatefulSession):
@@ -62,8 +63,9 @@ def _description(interpreter: Interpreter) -> onnx.ModelProto:
     """A data-free copy of the model's interface for `StatefulSession`.
 
     Initializers keep names, types and dims but no data (so nothing external
-    is read again), except the state initializers, whose loaded values are
-    inlined.
+    is read again), except the initializers of state inputs (files written
+    before the `onnxbn:initial_state` metadata), whose loaded values are
+    inlined; the metadata is kept.
     """
     source = interpreter.model.graph
     state = {name for name, _ in state_pairs(source)}
@@ -81,4 +83,5 @@ def _description(interpreter: Interpreter) -> onnx.ModelProto:
             )
     model = onnx.ModelProto(ir_version=interpreter.model.ir_version, graph=graph)
     model.opset_import.extend(interpreter.model.opset_import)
+    model.metadata_props.extend(interpreter.model.metadata_props)
     return model

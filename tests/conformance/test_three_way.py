@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import numpy_helper
 
+import onnxbn
 from onnxbn import reference, runtime
 from onnxbn.export import export_onnx
 from tests.lowering.test_batch_normalization import (
@@ -107,8 +108,14 @@ def test_stored_models_three_ways(model_file, data_dir):
     proto = onnx.load(str(model_file))
     inputs = read_tensors(data_dir, "input")
     expected = read_tensors(data_dir, "output")
-    names = [i.name for i in proto.graph.input][: len(inputs)]
-    feeds = dict(zip(names, inputs))
+    names = [i.name for i in proto.graph.input]
+    assert len(names) == len(inputs)
+    stored = dict(zip(names, inputs))
+    # The stored state inputs are the starting state the sessions carry themselves.
+    start = onnxbn.initial_state(proto)
+    for name, value in start.items():
+        np.testing.assert_array_equal(stored.pop(name), value)
+    feeds = stored
     outputs = {
         "ort": runtime.Session(proto, providers=["CPUExecutionProvider"]),
         "reference": reference.Session(proto),

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import json
+
 import numpy as np
 import onnxruntime as ort
 import pytest
 
 import onnxbn
-from onnxbn import layers
+from onnxbn import layers, reference
 from onnxbn.export import export_onnx
 from onnxbn.lowering import moments
 from onnxbn.runtime import Session
@@ -71,6 +74,16 @@ def test_other_batch_size_than_exported(shape, axis, masked, batch):
     assert_close(session.state["bn/moving_mean"], new_mean, "float32", "state")
 
 
+def read_initial_state(session: ort.InferenceSession) -> dict:
+    """The README's recipe: the starting state from plain onnxruntime, json, base64, NumPy."""
+    entries = json.loads(session.get_modelmeta().custom_metadata_map["onnxbn:initial_state"])
+    return {
+        e["name"]: np.frombuffer(base64.b64decode(e["data"]), dtype="<" + np.dtype(e["dtype"]).str[1:])
+        .reshape(e["shape"])
+        for e in entries
+    }
+
+
 @pytest.mark.parametrize("shape,axis,masked", LAYOUTS[:4])
 def test_raw_onnxruntime_state_contract(shape, axis, masked, tmp_path):
     """A caller with nothing but onnxruntime carries the state by feeding `/new` back."""
@@ -79,20 +92,68 @@ def test_raw_onnxruntime_state_contract(shape, axis, masked, tmp_path):
     path = tmp_path / "bn.onnx"
     export_onnx(model, path)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    # Inputs with an initializer are optional feeds ("overridable initializers").
-    optional = [i.name for i in session.get_overridable_initializers()]
+    # State inputs are plain inputs: nothing a runtime could fold into a constant.
+    assert session.get_overridable_initializers() == []
     outputs = [o.name for o in session.get_outputs()]
     state_in = ["bn/moving_mean", "bn/moving_variance"]
-    assert optional == state_in and outputs[-2:] == [s + "/new" for s in state_in]
-    state = {}  # first call: the initializers hold the exported state
+    assert [i.name for i in session.get_inputs()][-2:] == state_in
+    assert outputs[-2:] == [s + "/new" for s in state_in]
+    state = read_initial_state(session)
+    assert list(state) == state_in
+    mean, var = bn.moving_mean.numpy(), bn.moving_variance.numpy()
+    np.testing.assert_array_equal(state["bn/moving_mean"], mean)
+    np.testing.assert_array_equal(state["bn/moving_variance"], var)
     for step in range(3):
-        feeds, _ = sample(shape, axis, "float32", rng, masked=masked)
+        feeds, mask = sample(shape, axis, "float32", rng, masked=masked)
         y, new_mean, new_var = session.run(None, {**feeds, **state})
         state = {"bn/moving_mean": new_mean, "bn/moving_variance": new_var}
-        y_eager = model(feeds, training=True)
-        assert_close(y, y_eager.astype(np.float64), "float32", f"step {step}")
-        assert_close(new_mean, bn.moving_mean.value, "float32", f"mean {step}")
-        assert_close(new_var, bn.moving_variance.value, "float32", f"var {step}")
+        expected, mean, var = oracle(
+            feeds["x"], axis=axis, gamma=bn.gamma.value, beta=bn.beta.value, mean=mean,
+            var=var, momentum=bn.momentum, epsilon=bn.epsilon, training=True, mask=mask,
+        )  # fmt: skip
+        assert_close(y, expected, "float32", f"step {step}")
+        assert_close(new_mean, mean, "float32", f"mean {step}")
+        assert_close(new_var, var, "float32", f"var {step}")
+
+
+def test_initial_state_matches_the_layer_and_both_sessions_start_from_it(tmp_path):
+    rng = np.random.default_rng(SEED + 8)
+    model, bn = build((5, 4), -1, mode="training", rng=rng)
+    path = tmp_path / "bn.onnx"
+    proto = export_onnx(model, path)
+    assert not {t.name for t in proto.graph.initializer} & {"bn/moving_mean", "bn/moving_variance"}
+    expected = {"bn/moving_mean": bn.moving_mean.numpy(), "bn/moving_variance": bn.moving_variance.numpy()}
+    for source in (proto, path, str(path), proto.SerializeToString()):
+        state = onnxbn.initial_state(source)
+        assert list(state) == list(expected)
+        for name, value in expected.items():
+            assert state[name].dtype == value.dtype and state[name].shape == value.shape
+            np.testing.assert_array_equal(state[name], value)
+    for session in (Session(proto), reference.Session(proto)):
+        assert list(session.state) == list(expected)
+        for name, value in expected.items():
+            np.testing.assert_array_equal(session.state[name], value)
+    inference = export_onnx(model, training=False)
+    assert onnxbn.initial_state(inference) == {}
+
+
+def test_initial_state_errors(tmp_path):
+    with pytest.raises(TypeError, match="received int"):
+        onnxbn.initial_state(3)
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="Not a valid ONNX model"):
+        onnxbn.initial_state(bad)
+    model, _ = build((5, 4), -1, mode="training")
+    proto = export_onnx(model)
+    for entry in proto.metadata_props:
+        if entry.key == "onnxbn:initial_state":
+            entry.value = "[{\"name\": 1}]"
+    with pytest.raises(ValueError, match="onnxbn:initial_state"):
+        onnxbn.initial_state(proto)
+    del proto.metadata_props[:]
+    with pytest.raises(ValueError, match="no starting value"):
+        onnxbn.initial_state(proto)
 
 
 def test_shared_layer_has_one_state_pair_updated_twice():
@@ -137,26 +198,13 @@ def test_training_call_then_inference_call_reads_updated_state(axis):
     assert_close(session.state["bn/moving_mean"], mean, "float32", "mean")
 
 
-@pytest.fixture(params=[False, True], ids=["where", "if_fast_path"])
-def masked_path(request, monkeypatch):
-    """Both formulations of masked channels-last sums (the If one is opt-in)."""
-    monkeypatch.setattr(moments, "MASKED_IF_FAST_PATH", request.param)
-    return request.param
-
-
-@pytest.mark.parametrize("shape,axis,masked", [c for c in LAYOUTS if c[2]])
-def test_state_after_k_runs_if_fast_path(shape, axis, masked, monkeypatch):
-    monkeypatch.setattr(moments, "MASKED_IF_FAST_PATH", True)
-    test_state_after_k_runs_matches_eager(shape, axis, masked)
-
-
 def test_default_masked_export_has_no_control_flow():
     model, _ = build((3, 4, 5), -1, mode="masked")
     assert "If" not in {n.op_type for n in export_onnx(model).graph.node}
 
 
 @pytest.mark.parametrize("axis", [1, -1])
-def test_empty_batch(axis, masked_path):
+def test_empty_batch(axis):
     rng = np.random.default_rng(SEED)
     for mode in ("training", "masked"):
         model, bn = build((3, 4, 5), axis, mode=mode, rng=rng)
@@ -175,7 +223,7 @@ def test_empty_batch(axis, masked_path):
 
 
 @pytest.mark.parametrize("axis", [1, -1])
-def test_all_false_mask_gives_zero_statistics(axis, masked_path):
+def test_all_false_mask_gives_zero_statistics(axis):
     rng = np.random.default_rng(SEED)
     model, bn = build((3, 4, 5), axis, mode="masked", rng=rng)
     session = Session(export_onnx(model))
@@ -193,7 +241,7 @@ def test_all_false_mask_gives_zero_statistics(axis, masked_path):
 
 @pytest.mark.parametrize("axis", [1, 2, -1])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 3e38])
-def test_masked_out_nan_and_inf_do_not_leak(axis, bad, masked_path):
+def test_masked_out_nan_and_inf_do_not_leak(axis, bad):
     rng = np.random.default_rng(SEED)
     model, bn = build((4, 3, 5, 6), axis, mode="masked", rng=rng)
     proto = export_onnx(model)
