@@ -24,8 +24,10 @@ moments live in `lowering/moments.py`:
 3. mean and variance of the shifted data (never `E[x²] - E[x]²` of the raw data);
    masked, Keras's formulas with `count + 1e-7`; NaN or Inf at masked-out
    positions cannot reach the statistics (Gather of valid rows or Where);
-4. normalize the shifted data, `(d - mean_d) * inv + beta`, by the native node
-   in inference mode fed the batch statistics, or Mul+Add;
+4. normalize the shifted data by a per-channel Mul and Add,
+   `d * inv + (beta - mean_d * inv)`: a native BatchNormalization node fed
+   statistics computed in the graph is not portable (tract accepts only
+   constant parameters), so the native node is used only with constants;
 5. the moving statistics `moving * momentum + batch * (1 - momentum)` become the
    `<layer>/moving_*/new` outputs; an empty unmasked batch leaves them unchanged.
 
@@ -43,18 +45,6 @@ from onnxbn.layers.batch_normalization import BatchNormalization, normalize_axis
 from onnxbn.lowering import emit, moments
 from onnxbn.lowering.context import LoweringContext, Value
 from onnxbn.lowering.registry import register_lowering
-
-# Normalize with the native node (one pass) when the channel is not the last
-# axis: 0.85-1.1x memcpy on NCHW against 2.5-2.8x for Mul+Add (1 thread).
-NATIVE_NORMALIZE = True
-# On a rank-2 `(N, C)` input the native node (spatial size 1) still beat
-# Mul+Add's two passes: 0.8x against 1.5x memcpy on 4096x1024 (1 thread).
-NATIVE_CHANNEL_LAST = True
-# Channels last, rank > 2: the native node on the free `(M, C)` view, reshaped
-# back (onnxruntime copies on that Reshape only when it makes a graph output);
-# False = Mul+Add broadcasting `[C]`.
-NATIVE_ROWS = True
-
 
 @register_lowering(BatchNormalization)
 def lower_batch_normalization(
@@ -119,12 +109,6 @@ def _weight64(variable, fill: float, channels: int) -> np.ndarray:
     return np.asarray(variable.value, dtype=np.float64)
 
 
-def _use_native(x: Value, axis: int) -> bool:
-    if axis == x.rank - 1:
-        return NATIVE_NORMALIZE and NATIVE_CHANNEL_LAST and (x.rank == 2 or NATIVE_ROWS)
-    return NATIVE_NORMALIZE
-
-
 def _channel_first(ctx: LoweringContext, x: Value, axis: int) -> Value:
     """`x` viewed with the channel at position 1 (a Reshape/Unsqueeze, no data movement)."""
     if axis == 1:
@@ -176,21 +160,17 @@ def _inference(ctx: LoweringContext, op: BatchNormalization, x: Value, axis: int
     var = _weight64(op.moving_variance, 1.0, channels)
     s = _weight64(op.gamma, 1.0, channels) / np.sqrt(var + op.epsilon)
     b = _weight64(op.beta, 0.0, channels) - mean * s
-    if _use_native(x, axis):
-        return _native(
-            ctx,
-            op,
-            x,
-            axis,
-            ctx.constant(s, "scale", x.dtype),
-            ctx.constant(b, "shift", x.dtype),
-            ctx.constant(np.zeros(channels), "zero_mean", x.dtype),
-            ctx.constant(np.ones(channels), "unit_variance", x.dtype),
-            0.0,
-        )
-    shape = _param_shape(x.rank, axis, channels)
-    scaled = ctx.op("Mul", [x, ctx.constant(s.reshape(shape), "scale", x.dtype)], label="scaled")
-    return ctx.op("Add", [scaled, ctx.constant(b.reshape(shape), "shift", x.dtype)], label="y")
+    return _native(
+        ctx,
+        op,
+        x,
+        axis,
+        ctx.constant(s, "scale", x.dtype),
+        ctx.constant(b, "shift", x.dtype),
+        ctx.constant(np.zeros(channels), "zero_mean", x.dtype),
+        ctx.constant(np.ones(channels), "unit_variance", x.dtype),
+        0.0,
+    )
 
 
 def _inference_from_state(
@@ -200,8 +180,6 @@ def _inference_from_state(
     mean, var = _read_state(ctx, op, x.dtype)
     channels = x.shape[axis]
     gamma, beta = _affine(ctx, op, x.dtype, channels)
-    if _use_native(x, axis) and x.dtype == "float32":
-        return _native(ctx, op, x, axis, gamma, beta, mean, var, op.epsilon)
     shape = emit.ints(ctx, _param_shape(x.rank, axis, channels), "param_shape")
     inv = _inverse_std(ctx, var, gamma, op.epsilon, x.dtype)
     b = ctx.op("Sub", [beta, ctx.op("Mul", [mean, inv])], label="shift")
@@ -241,22 +219,18 @@ def _training(
     valid = None if mask is None else moments.valid_positions(ctx, mask, x)
     stats = moments.batch_moments(ctx, x, axis, valid, synchronized=op.synchronized)
     mean_d, var = stats.mean_shifted, stats.var
-    if _use_native(x, axis) and dtype == "float32":
-        gamma, beta = _affine(ctx, op, dtype, channels)
-        y = _native(ctx, op, stats.shifted, axis, gamma, beta, mean_d, var, op.epsilon)
+    gamma = None if op.gamma is None else _param(ctx, op.gamma, dtype, "gamma")
+    inv = _inverse_std(ctx, var, gamma, op.epsilon, dtype)
+    shift_out = ctx.op("Mul", [mean_d, inv])
+    if op.beta is None:
+        offset = ctx.op("Neg", [shift_out], label="offset")
     else:
-        gamma = None if op.gamma is None else _param(ctx, op.gamma, dtype, "gamma")
-        inv = _inverse_std(ctx, var, gamma, op.epsilon, dtype)
-        shift_out = ctx.op("Mul", [mean_d, inv])
-        if op.beta is None:
-            offset = ctx.op("Neg", [shift_out], label="offset")
-        else:
-            offset = ctx.op("Sub", [_param(ctx, op.beta, dtype, "beta"), shift_out], label="offset")
-        if axis != x.rank - 1:  # (C,) broadcasts on the last axis only
-            shape = emit.ints(ctx, _param_shape(x.rank, axis, channels), "param_shape")
-            inv = ctx.op("Reshape", [inv, shape], label="scale", allowzero=0)
-            offset = ctx.op("Reshape", [offset, shape], label="offset", allowzero=0)
-        y = ctx.op("Add", [ctx.op("Mul", [stats.shifted, inv], label="scaled"), offset], label="y")
+        offset = ctx.op("Sub", [_param(ctx, op.beta, dtype, "beta"), shift_out], label="offset")
+    if axis != x.rank - 1:  # (C,) broadcasts on the last axis only
+        shape = emit.ints(ctx, _param_shape(x.rank, axis, channels), "param_shape")
+        inv = ctx.op("Reshape", [inv, shape], label="scale", allowzero=0)
+        offset = ctx.op("Reshape", [offset, shape], label="offset", allowzero=0)
+    y = ctx.op("Add", [ctx.op("Mul", [stats.shifted, inv], label="scaled"), offset], label="y")
     batch_mean = ctx.op("Add", [stats.shift, mean_d], label="batch_mean")
     momentum = emit.scalar(ctx, op.momentum, dtype, "momentum")
     rate = emit.scalar(ctx, 1.0 - op.momentum, dtype, "rate")

@@ -135,3 +135,14 @@ def concat_ints(ctx: LoweringContext, parts: Sequence[Value], label: str) -> Val
     if len(parts) == 1:
         return parts[0]
     return ctx.op("Concat", list(parts), dtype="int64", label=label, axis=0)
+
+
+def clamp_negative(ctx: LoweringContext, value: Value, label: str) -> Value:
+    """`value` with negatives replaced by 0 and NaN kept.
+
+    `Where(value < 0, 0, value)`, not `Max(value, 0)`: runtimes disagree on Max
+    with a NaN operand (OpenVINO returns the other one).
+    """
+    zero = scalar(ctx, 0.0, value.dtype, "zero")
+    negative = ctx.op("Less", [value, zero], dtype="bool", label="negative")
+    return ctx.op("Where", [negative, zero, value], dtype=value.dtype, label=label)

@@ -19,45 +19,12 @@ Accumulation is float32 in onnxruntime's MatMul/ReduceSum kernels, whose long
 sums stagnate: beyond ~10^7 elements per channel the variance loses digits
 (about 1e-3 relative at 2^25 elements in one channel of a rank-2 input).
 
-Measured on onnxruntime 1.32 CPU, 1 thread, 2-core VM (paired interleaved runs,
-median ratio of new to old time; whole exports unless said otherwise):
-
-- masked channels last, Gather of rows + weighted MatMuls against Where over
-  the data: 0.85 (NHWC 32x56x56x64), 0.82 (2-D 4096x1024); onnxruntime's Where
-  with a row mask broadcast along the channels costs 2.3-3.9x a memcpy, its
-  Gather of the same rows 0.95-1.7x (Compress would be 0.9x, NonZero + Gather
-  1.2x, but the reference interpreter has neither);
-- masked channels-last head (the shift's rows) by the same Gather of row
-  indices and a weighted MatMul, against a Where over the sliced rows and
-  ReduceSum: 0.91 on 2-D 4096x1024 (the head is a quarter of the data there),
-  no change on NHWC;
-- masked channel-inner shift from the first valid row (ArgMax of the mask,
-  Gather of one row per channel) against a Slice of `x[..., 0]` (a strided
-  read, 3 ms of 22 on NCHW 32x64x56x56): 0.83;
-- Σd² on NCHW by ReduceSumSquare over W then ReduceSum over (N, H), against
-  over H*W then N: 1.35x against 1.71x memcpy, whole training export 0.88-0.93
-  (ReduceSum, vectorized, stays over H*W: 0.55x against 0.58x);
-- channels last, `x - shift` on a `(M / k, k * C)` view with the shift tiled
-  (rows of 1024+ elements) against the `(M, C)` view: 1.07x against 1.33x
-  memcpy on NHWC (C = 64), whole export training 0.91, masked 0.95;
-- head mean by MatMul with a `1/k` vector instead of ReduceMean over rows:
-  0.50 against 0.87 ms on a 1024x1024 head (static row count only: with a
-  dynamic one it would add four nodes to every graph);
-- all of the above and the native node on the `(M, C)` view for channels last
-  (`lowering/batch_normalization.py`), against the lowering before them, paired
-  runs of the `scripts/bench.py` exports: NCHW training 0.88, masked 0.90; NHWC
-  inference 0.86, training 0.93, masked 0.76; 2-D masked 0.71; unchanged graphs
-  1.00-1.04 (the noise); 8x16 masked 1.06 (five more small nodes);
-- not adopted: `x - shift` by the native node (scale 1, variance 1, epsilon 0;
-  bit for bit a Sub) 0.95x a broadcasting Sub on (100352, 64), 1.05x on
-  (4096, 1024), 1.07x on NCHW; Σd² on NCHW by ReduceSumSquare 1.65-1.8x
-  memcpy (a scalar loop), Mul + ReduceSum 1.6-1.9x, ReduceL2 1.65x, batched
-  MatMul of `(R, 1, HW)` by `(R, HW, 1)` row views 4.8-5.6x, Einsum 5.2-7.6x,
-  GlobalLpPool(p=2) 27x, LayerNormalization's Mean/InvStdDev outputs 1.9x
-  (opset 17+, and it writes a normalized copy), against ReduceSum's 0.57x for
-  Σd; a `(2, M)` left operand in one MatMul 1.9-2.1x against 0.5-0.6x for a
-  ones vector; the mean and variance finished by Div instead of Reciprocal +
-  Mul (one node fewer): no difference measurable on 8x16.
+Only what every runtime implements alike (onnxruntime, OpenVINO, tract,
+onnx.reference, onnxbn.reference): no If, no Slice end past a dynamic dim (ends
+are clamped by the dim), no window whose length depends on data (the masked
+head is a fixed window of clamped indices), no reliance on Max/Min with NaN.
+The formulations were chosen by paired measurements on onnxruntime; the
+numbers are in `docs/lowering.md`.
 """
 
 from __future__ import annotations
@@ -75,31 +42,15 @@ from onnxbn.lowering.context import LoweringContext, Value
 # the mean, the less float32 sums of the shifted data drift (2^25 elements in one
 # channel: mean error 3e-6 relative with 16 samples, 3e-7 with 1024).
 SHIFT_SAMPLES = 1024
-# Masked channels-last sums: False = MASKED_ROWS below (portable, the default);
-# True = mask weights in the MatMul with an If that recomputes with Where only
-# when the sums are not finite (about one element-wise pass faster than Where
-# on onnxruntime, but needs If, which not every runtime implements).
-MASKED_IF_FAST_PATH = False
-# How Σd² is reduced when the channel is not the last axis (see scripts/bench.py):
-# onnxruntime's ReduceSumSquare over the inner block, or Mul then ReduceSum.
-SQUARES_INNER = "ReduceSumSquare"  # or "Mul+ReduceSum"
 # ReduceSumSquare's first level (channel not last, unmasked) runs over the last
 # axis only when it has at least this many elements, else over every axis after
 # the channel, as ReduceSum does: onnxruntime's ReduceSumSquare is a scalar
 # loop, faster over short rows (NCHW 32x64x56x56: 1.35x memcpy over W then
 # ReduceSum over (N, H), 1.71x over H*W; rows of 16: 1.5x, of 8: 2.2x, of 4: 3.9x).
 SQUARES_LAST_AXIS_MIN = 32
-# Masked channels-last sums: "Gather" (masked-out rows replaced by a valid one,
-# then weighted MatMuls) or "Where" (masked-out rows zeroed).
-MASKED_ROWS = "Gather"
-# Masked shift, channel not last: "Gather" (the first valid row of each channel)
-# or "Slice" (every valid element of x[..., 0]).
-MASKED_HEAD = "Gather"
 # Channels last: `x - shift` on rows of at least this many elements (see
 # `_shifted_rows`); 1 subtracts on the (M, C) view.
 SUB_ROW = 1024
-# Mean of the head rows (channels last, static shape): "MatMul" or "ReduceMean".
-HEAD_MEAN = "MatMul"
 
 
 class Moments(NamedTuple):
@@ -160,8 +111,15 @@ def batch_moments(
         mean_d, var = _finish(ctx, shift, s1, s2, n, channels, masked=valid is not None)
     nonempty = None
     if valid is None and (synchronized or not surely_nonempty(x)):
-        zero = emit.scalar(ctx, 0.0, x.dtype, "zero")
-        nonempty = ctx.op("Greater", [n, zero], dtype="bool", label="nonempty")
+        if synchronized:  # the global batch decides
+            zero = emit.scalar(ctx, 0.0, x.dtype, "zero")
+            nonempty = ctx.op("Greater", [n, zero], dtype="bool", label="nonempty")
+        else:
+            # From Size(x), not the count derived from Shape: tract evaluates a
+            # comparison of that count wrongly in a shared layer's second call.
+            size = ctx.op("Size", [x], dtype="int64", shape=(), label="size")
+            zero = emit.ints(ctx, [0], "zero")
+            nonempty = ctx.op("Greater", [size, zero], dtype="bool", label="nonempty")
     return Moments(d, _flat(ctx, shift, x.shape[axis]), mean_d, var, nonempty)
 
 
@@ -200,11 +158,8 @@ def _sums_channel_last(ctx: LoweringContext, x: Value, valid: Value | None):
     axis0 = emit.ints(ctx, [0], "axes")
     if valid is None:
         n = emit.cast(ctx, row_count, dtype, label="count")
-        head = ctx.op(
-            "Slice",
-            [x2, emit.ints(ctx, [0], "start"), emit.ints(ctx, [SHIFT_SAMPLES], "end"), axis0],
-            label="head",
-        )
+        end = _clamped_ends(ctx, [SHIFT_SAMPLES], [rows], row_count)
+        head = ctx.op("Slice", [x2, emit.ints(ctx, [0], "start"), end, axis0], label="head")
         shift = _head_mean(ctx, head, rows, channels)
     else:
         flat = emit.reshape(ctx, valid, [rows], "valid_rows")
@@ -227,26 +182,8 @@ def _sums_channel_last(ctx: LoweringContext, x: Value, valid: Value | None):
             keepdims=1,
             select_last_index=0,
         )
-        end = ctx.op("Add", [start, emit.ints(ctx, [SHIFT_SAMPLES], "samples")], label="end")
-        gathered = MASKED_ROWS == "Gather" and not MASKED_IF_FAST_PATH
-        if gathered:
-            some, index = _valid_row_index(ctx, flat, start, row_count)
-            # The head rows with masked-out ones replaced: weights 0 cannot meet NaN.
-            head_index = ctx.op("Slice", [index, start, end, axis0], label="head_index")
-            head = ctx.op("Gather", [x2, head_index], label="head", axis=0)
-            head_weights = ctx.op("Slice", [weights, start, end, axis0], label="head_weights")
-            total = ctx.op("MatMul", [head_weights, head], label="head_total", shape=(channels,))
-            taken = emit.reduce(ctx, "ReduceSum", head_weights, [0], keepdims=False)
-        else:
-            head = ctx.op("Slice", [x2, start, end, axis0], label="head")
-            valid_col = emit.reshape(ctx, valid, [rows, 1], "valid_col")
-            head_valid = ctx.op("Slice", [valid_col, start, end, axis0], label="head_valid")
-            total = emit.reduce(
-                ctx, "ReduceSum", _zeroed(ctx, head_valid, head, "head", 2), [0], keepdims=False
-            )
-            taken = emit.reduce(
-                ctx, "ReduceSum", emit.cast(ctx, head_valid, dtype), [0], keepdims=False
-            )
+        some, index = _valid_row_index(ctx, flat, start, row_count)
+        total, taken = _masked_head_sums(ctx, x2, weights, some, index, start, rows, row_count)
         shift = _safe_mean(ctx, total, taken)
     d2 = _shifted_rows(ctx, x, x2, shift)
     d = d2 if x.rank == 2 else emit.reshape_like(ctx, d2, x, "shifted")
@@ -255,16 +192,59 @@ def _sums_channel_last(ctx: LoweringContext, x: Value, valid: Value | None):
         squares = ctx.op("Mul", [d2, d2], label="squares", shape=d2.shape)
         s1 = ctx.op("MatMul", [ones, d2], label="sum", shape=(channels,))
         s2 = ctx.op("MatMul", [ones, squares], label="sum_sq", shape=(channels,))
-    elif MASKED_IF_FAST_PATH:
-        ones = emit.constant_of_shape(ctx, row_count, 1.0, dtype)
-        squares = ctx.op("Mul", [d2, d2], label="squares", shape=d2.shape)
-        s1, s2 = _masked_row_sums(ctx, x, d, d2, squares, valid, flat, ones)
-    elif gathered:
-        s1, s2 = _gathered_row_sums(ctx, d2, weights, some, index)
     else:
-        ones = emit.constant_of_shape(ctx, row_count, 1.0, dtype)
-        s1, s2 = _where_row_sums(ctx, x, d, valid, ones)
+        s1, s2 = _gathered_row_sums(ctx, d2, weights, some, index)
     return d, shift, s1, s2, n
+
+
+def _clamped_ends(
+    ctx, ends: list[int], dims: list[int | None], dims_value: Value | None
+) -> Value:
+    """Slice `ends` no larger than the dims they index (`dims_value` at run time).
+
+    ONNX clamps a Slice end past the dim, but tract does not for a dynamic dim:
+    a static dim clamps at export, a dynamic one by `Min(end, dim)`.
+    """
+    if all(d is not None for d in dims):
+        return emit.ints(ctx, [min(e, d) for e, d in zip(ends, dims)], "end")
+    return ctx.op("Min", [emit.ints(ctx, ends, "end"), dims_value], label="end")
+
+
+def _masked_head_sums(
+    ctx, x2, weights, some, index, start, rows, row_count
+) -> tuple[Value, Value]:
+    """Σ and count of the valid rows among the SHIFT_SAMPLES rows from `start`.
+
+    A fixed window of `min(SHIFT_SAMPLES, M)` row positions from the first valid
+    row, clamped to the last row and weighted 0 past it: a Slice starting at
+    `start` would have a length only known from the data, which tract rejects.
+    The rows are taken through `index` (masked-out rows replaced by a valid one,
+    see `_valid_row_index`), so a weight of 0 never meets a NaN; without any
+    valid row (`some` False) the sum is 0.
+    """
+    channels = x2.shape[-1]
+    axis0 = emit.ints(ctx, [0], "axes")
+    if rows is not None:
+        window = ctx.constant(np.arange(min(rows, SHIFT_SAMPLES)), "window", "int64")
+    else:
+        samples = ctx.constant(np.arange(SHIFT_SAMPLES), "window", "int64")
+        end = _clamped_ends(ctx, [SHIFT_SAMPLES], [rows], row_count)
+        window = ctx.op("Slice", [samples, emit.ints(ctx, [0], "start"), end, axis0])
+    positions = ctx.op("Add", [start, window], label="head_positions")
+    inside = emit.cast(ctx, ctx.op("Less", [positions, row_count], dtype="bool"), x2.dtype)
+    last = ctx.op("Sub", [row_count, emit.ints(ctx, [1], "one")], label="last_row")
+    clamped = ctx.op("Min", [positions, last], label="head_positions")
+    head = ctx.op("Gather", [x2, ctx.op("Gather", [index, clamped], axis=0)], axis=0, label="head")
+    head_weights = ctx.op(
+        "Mul", [ctx.op("Gather", [weights, clamped], axis=0), inside], label="head_weights"
+    )
+    total = ctx.op("MatMul", [head_weights, head], label="head_total", shape=(channels,))
+    zero = emit.scalar(ctx, 0.0, x2.dtype, "zero")
+    total = ctx.op(
+        "Where", [some, total, zero], dtype=x2.dtype, label="head_total", shape=(channels,)
+    )
+    taken = emit.reduce(ctx, "ReduceSum", head_weights, [0], keepdims=False, label="head_count")
+    return total, taken
 
 
 def _shifted_rows(ctx, x: Value, x2: Value, shift: Value) -> Value:
@@ -297,7 +277,7 @@ def _head_mean(ctx, head: Value, rows: int | None, channels: int) -> Value:
     An empty batch gives a NaN (ReduceMean) or 0 (MatMul) shift; its statistics
     are discarded anyway.
     """
-    if rows is None or HEAD_MEAN != "MatMul":
+    if rows is None:
         return emit.reduce(
             ctx, "ReduceMean", head, [0], keepdims=False, label="shift", shape=(channels,)
         )
@@ -360,77 +340,14 @@ def _gathered_row_sums(
     return sums[0], sums[1]
 
 
-def _where_row_sums(ctx, x: Value, d: Value, valid: Value, ones: Value) -> tuple[Value, Value]:
-    """Σ valid d and Σ valid d² over rows, masked-out positions removed by Where."""
-    channels = x.shape[-1]
-    valid_e = ctx.op("Unsqueeze", [valid, emit.ints(ctx, [-1], "axes")], dtype="bool")
-    kept = _zeroed(ctx, valid_e, d, "kept", x.rank)
-    rows = emit.static_product(x.shape[:-1])
-    kept2 = kept if x.rank == 2 else emit.reshape(ctx, kept, [rows, channels], "kept_rows")
-    kept_sq = ctx.op("Mul", [kept2, kept2], label="kept_squares")
-    s1 = ctx.op("MatMul", [ones, kept2], label="sum", shape=(channels,))
-    s2 = ctx.op("MatMul", [ones, kept_sq], label="sum_sq", shape=(channels,))
-    return s1, s2
-
-
-def _masked_row_sums(ctx, x, d, d2, squares2, valid, flat, ones) -> tuple[Value, Value]:
-    """Σ valid d and Σ valid d² over rows, without a Where over the data when possible.
-
-    Fast path: the mask as a 0/1 row vector in the MatMul. Finite data at
-    masked-out rows contributes exactly 0, but NaN or Inf there would leak
-    (0 * NaN = NaN), and then the sums are not finite. Only in that case an If
-    recomputes them from `Where(valid, d, 0)` (onnxruntime's Where over the whole
-    data costs about two element-wise passes, so it is kept off the common path).
-    """
-    dtype, channels = x.dtype, x.shape[-1]
-    weights = emit.cast(ctx, flat, dtype, label="weights")
-    fast_s1 = ctx.op("MatMul", [weights, d2], label="sum_fast", shape=(channels,))
-    fast_s2 = ctx.op("MatMul", [weights, squares2], label="sum_sq_fast", shape=(channels,))
-    probe = emit.reduce(ctx, "ReduceSum", ctx.op("Add", [fast_s1, fast_s2]), [0], keepdims=True)
-    # x - x is 0 for a finite x and NaN for NaN or ±Inf.
-    finite = ctx.op(
-        "Equal",
-        [ctx.op("Sub", [probe, probe]), ctx.constant(np.zeros(1), "zero", dtype)],
-        dtype="bool",
-        label="finite",
-    )
-    with ctx.branch() as then_nodes:
-        then_out = [
-            ctx.op("Identity", [v], label=v.name.rsplit("/", 1)[-1], shape=(channels,))
-            for v in (fast_s1, fast_s2)
-        ]
-    with ctx.branch() as else_nodes:
-        valid_e = ctx.op("Unsqueeze", [valid, emit.ints(ctx, [-1], "axes")], dtype="bool")
-        kept = _zeroed(ctx, valid_e, d, "kept", x.rank)
-        kept2 = (
-            kept
-            if x.rank == 2
-            else emit.reshape(ctx, kept, [emit.static_product(x.shape[:-1]), channels], "kept_rows")
-        )
-        kept_sq = ctx.op("Mul", [kept2, kept2], label="kept_squares")
-        else_out = [
-            ctx.op("MatMul", [ones, kept2], label="sum_kept", shape=(channels,)),
-            ctx.op("MatMul", [ones, kept_sq], label="sum_sq_kept", shape=(channels,)),
-        ]
-    s1, s2 = ctx.op(
-        "If",
-        [finite],
-        label="sum",
-        outputs=2,
-        dtype=dtype,
-        shape=(channels,),
-        then_branch=ctx.branch_graph(then_nodes, then_out, "fast_sums"),
-        else_branch=ctx.branch_graph(else_nodes, else_out, "where_sums"),
-    )
-    return s1, s2
-
-
 def _sums_channel_inner(ctx: LoweringContext, x: Value, axis: int, valid: Value | None):
     """Channel before the last axis: ReduceSum(Square) over the other axes."""
     dtype, last = x.dtype, x.rank - 1
     axes = [a for a in range(x.rank) if a != axis]
     if valid is not None:
-        shift = _first_valid_row_mean(ctx, x, axis, valid) if MASKED_HEAD == "Gather" else None
+        # A Gather of one valid row per channel; with a dynamic dim after the
+        # channel, the masked mean of x[..., 0:1] instead (a strided read).
+        shift = _first_valid_row_mean(ctx, x, axis, valid)
         valid = ctx.op(
             "Unsqueeze", [valid, emit.ints(ctx, [-1], "axes")], dtype="bool", label="valid_e"
         )
@@ -438,12 +355,13 @@ def _sums_channel_inner(ctx: LoweringContext, x: Value, axis: int, valid: Value 
         if shift is None:
             # The mask is constant along the last axis, so its first slice holds a
             # valid element of every channel that has one.
+            end = _clamped_ends(
+                ctx, [1], [x.shape[last]], emit.shape_of(ctx, x, last, last + 1)
+            )
             head = ctx.op(
-                "Slice",
-                [x, emit.ints(ctx, [0], "start"), emit.ints(ctx, [1], "end"),
-                 emit.ints(ctx, [last], "axes")],
+                "Slice", [x, emit.ints(ctx, [0], "start"), end, emit.ints(ctx, [last], "axes")],
                 label="head",
-            )  # fmt: skip
+            )
             total = emit.reduce(
                 ctx, "ReduceSum", _zeroed(ctx, valid, head, "head", x.rank), axes, keepdims=True
             )
@@ -458,21 +376,22 @@ def _sums_channel_inner(ctx: LoweringContext, x: Value, axis: int, valid: Value 
         n = emit.count(ctx, x, axes, dtype)
         # The first SHIFT_SAMPLES elements of the last axis, at index 0 of the others.
         k = len(axes)
+        dims = [x.shape[a] for a in axes]
+        dims_value = None
+        if any(d is None for d in dims):
+            dims_value = ctx.op(
+                "Gather", [emit.shape_of(ctx, x), emit.ints(ctx, axes, "axes")], axis=0
+            )
+        end = _clamped_ends(ctx, [1] * (k - 1) + [SHIFT_SAMPLES], dims, dims_value)
         head = ctx.op(
-            "Slice",
-            [x, emit.ints(ctx, [0] * k, "start"),
-             emit.ints(ctx, [1] * (k - 1) + [SHIFT_SAMPLES], "end"), emit.ints(ctx, axes, "axes")],
+            "Slice", [x, emit.ints(ctx, [0] * k, "start"), end, emit.ints(ctx, axes, "axes")],
             label="head",
-        )  # fmt: skip
+        )
         # An empty batch gives a NaN shift; its statistics are discarded anyway.
         shift = emit.reduce(ctx, "ReduceMean", head, axes, keepdims=True, label="shift")
     d = ctx.op("Sub", [x, shift], label="shifted", shape=x.shape)
     s1 = _inner_sum(ctx, "ReduceSum", d, axis, valid, "sum")
-    if SQUARES_INNER == "ReduceSumSquare":
-        s2 = _inner_sum(ctx, "ReduceSumSquare", d, axis, valid, "sum_sq")
-    else:
-        squares = ctx.op("Mul", [d, d], label="squares", shape=x.shape)
-        s2 = _inner_sum(ctx, "ReduceSum", squares, axis, valid, "sum_sq")
+    s2 = _inner_sum(ctx, "ReduceSumSquare", d, axis, valid, "sum_sq")
     return d, shift, s1, s2, n
 
 
@@ -593,7 +512,6 @@ def _inner_sum(ctx, op_type: str, x: Value, axis: int, valid: Value | None, labe
 def _finish(ctx, shift: Value, s1: Value, s2: Value, n: Value, channels: int, masked: bool):
     """`(mean of the shifted data, batch variance)`; Keras's masked formula when masked."""
     dtype = s1.dtype
-    zero = emit.scalar(ctx, 0.0, dtype, "zero")
     if masked:
         eps = emit.scalar(ctx, MASK_EPSILON, dtype, "count_epsilon")
         den = ctx.op("Add", [n, eps], label="denominator")
@@ -613,4 +531,4 @@ def _finish(ctx, shift: Value, s1: Value, s2: Value, n: Value, channels: int, ma
         mean_sq = ctx.op("Mul", [s2, inv_n])
         var = ctx.op("Sub", [mean_sq, ctx.op("Mul", [mean_d, mean_d])])
     # Rounding can leave a tiny negative where the variance is 0.
-    return mean_d, ctx.op("Max", [var, zero], label="batch_var")
+    return mean_d, emit.clamp_negative(ctx, var, "batch_var")

@@ -28,7 +28,7 @@ import numpy as np
 from onnxbn.layers.moments import MASK_EPSILON
 from onnxbn.lowering import emit
 from onnxbn.lowering.context import LoweringContext, Value
-from onnxbn.session import GLOBAL_SUFFIX, PARTIAL_SUFFIX, SYNC_FLAG
+from onnxbn.contract import GLOBAL_SUFFIX, PARTIAL_SUFFIX, SYNC_FLAG
 
 F64 = "float64"
 
@@ -67,10 +67,9 @@ def exchanged_moments(
     s1_64 = emit.cast(ctx, s1, F64, "sum")
     s2_64 = emit.cast(ctx, s2, F64, "sum_sq")
     one = emit.scalar(ctx, 1.0, F64, "one")
-    zero = emit.scalar(ctx, 0.0, F64, "zero")
     mean_d = ctx.op("Div", [s1_64, ctx.op("Max", [n64, one])], label="local_mean_shifted")
     mean = ctx.op("Add", [shift64, mean_d], label="local_mean")
-    m2 = ctx.op("Max", [ctx.op("Sub", [s2_64, ctx.op("Mul", [s1_64, mean_d])]), zero])
+    m2 = emit.clamp_negative(ctx, ctx.op("Sub", [s2_64, ctx.op("Mul", [s1_64, mean_d])]), "m2")
     rows = [
         ctx.op("Unsqueeze", [v, emit.ints(ctx, [0], "axes")], dtype=F64) for v in (n64, mean, m2)
     ]

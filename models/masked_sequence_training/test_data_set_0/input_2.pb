@@ -1,0 +1,1 @@
+Bbn_features/moving_meanJùè¾\ô²¾^€ç>¦ ¿

@@ -1,0 +1,1 @@
+Bbn_features/moving_varianceJv?åzh?x·c?q?

@@ -1,0 +1,1 @@
+Bbn_steps/moving_meanJGžl?+sm¿¼‚K?Óz,?0‰?€Þ|¿

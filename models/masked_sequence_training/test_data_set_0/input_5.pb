@@ -1,0 +1,1 @@
+Bbn_steps/moving_varianceJ–CÄ?)çÆ?L@¤?4••?Íøj?¢k?
