@@ -12,6 +12,7 @@ import os
 import tempfile
 from collections.abc import Callable
 
+import ml_dtypes
 import numpy as np
 import onnx
 
@@ -25,7 +26,6 @@ RUNTIMES = ["onnxruntime", "onnxbn.reference", "onnx.reference", "openvino", "tr
 # What a runtime cannot represent at all: listed as skipped with the reason.
 UNSUPPORTED_DTYPES = {
     "tract": {"bfloat16": "tract has no bfloat16 tensor type"},
-    "openvino": {"bfloat16": "OpenVINO's Python API has no NumPy bfloat16 tensor type"},
 }
 
 
@@ -93,10 +93,27 @@ def _openvino(model: onnx.ModelProto) -> Runner:
 
     def run(feeds):
         request = compiled.create_infer_request()
-        request.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()})
-        return [np.array(request.get_tensor(ports[n]).data) for n in names]
+        request.infer({k: _ov_tensor(ov, v) for k, v in feeds.items()})
+        return [_from_ov(request.get_tensor(ports[n])) for n in names]
 
     return run
+
+
+def _ov_tensor(ov, array: np.ndarray):
+    """An OpenVINO tensor; bfloat16 bits copied into a bf16 tensor (NumPy has no bfloat16)."""
+    array = np.ascontiguousarray(array)
+    if array.dtype != ml_dtypes.bfloat16:
+        return ov.Tensor(array)
+    tensor = ov.Tensor(ov.Type.bf16, list(array.shape))
+    tensor.data.view(np.uint16)[...] = array.view(np.uint16)
+    return tensor
+
+
+def _from_ov(tensor) -> np.ndarray:
+    data = np.array(tensor.data)
+    if tensor.element_type.get_type_name() == "bf16":
+        return data.view(np.uint16).view(ml_dtypes.bfloat16)
+    return data
 
 
 def _tract(model: onnx.ModelProto) -> Runner:

@@ -160,11 +160,11 @@ def _sums_channel_last(ctx: LoweringContext, x: Value, valid: Value | None):
         n = emit.cast(ctx, row_count, dtype, label="count")
         end = _clamped_ends(ctx, [SHIFT_SAMPLES], [rows], row_count)
         head = ctx.op("Slice", [x2, emit.ints(ctx, [0], "start"), end, axis0], label="head")
-        shift = _head_mean(ctx, head, rows, channels)
+        shift = _head_mean(ctx, head, rows, channels, end)
     else:
         flat = emit.reshape(ctx, valid, [rows], "valid_rows")
         weights = emit.cast(ctx, flat, dtype, label="weights")
-        n = emit.reduce(ctx, "ReduceSum", weights, [0], keepdims=True, label="count")
+        n = _count_of(ctx, weights, "count")
         # SHIFT_SAMPLES rows from the first valid one; an extra 1 keeps ArgMax
         # defined on an empty batch (the slice is then empty and the shift 0).
         marks = ctx.op(
@@ -195,6 +195,16 @@ def _sums_channel_last(ctx: LoweringContext, x: Value, valid: Value | None):
     else:
         s1, s2 = _gathered_row_sums(ctx, d2, weights, some, index)
     return d, shift, s1, s2, n
+
+
+def _count_of(ctx, weights: Value, label: str) -> Value:
+    """Σ of a 0/1 weight vector as `(1,)`, by a MatMul with itself (Σw² = Σw).
+
+    tract panics on a ReduceSum over an empty axis (an empty batch); a MatMul
+    with an empty inner dim is 0 there as everywhere.
+    """
+    column = ctx.op("Unsqueeze", [weights, emit.ints(ctx, [1], "axes")], label="weights_column")
+    return ctx.op("MatMul", [weights, column], label=label, shape=(1,))
 
 
 def _clamped_ends(
@@ -243,7 +253,7 @@ def _masked_head_sums(
     total = ctx.op(
         "Where", [some, total, zero], dtype=x2.dtype, label="head_total", shape=(channels,)
     )
-    taken = emit.reduce(ctx, "ReduceSum", head_weights, [0], keepdims=False, label="head_count")
+    taken = _count_of(ctx, head_weights, "head_count")
     return total, taken
 
 
@@ -269,18 +279,18 @@ def _shifted_rows(ctx, x: Value, x2: Value, shift: Value) -> Value:
     return emit.reshape(ctx, d, list(x2.shape), "shifted_rows")
 
 
-def _head_mean(ctx, head: Value, rows: int | None, channels: int) -> Value:
+def _head_mean(ctx, head: Value, rows: int | None, channels: int, end: Value) -> Value:
     """Per-column mean of the leading rows `head` (`(k, C)`, k = min(rows, SHIFT_SAMPLES)).
 
     With a static row count, a MatMul by a `1/k` vector: onnxruntime's
-    ReduceMean over the leading axis is about twice as slow.
-    An empty batch gives a NaN (ReduceMean) or 0 (MatMul) shift; its statistics
-    are discarded anyway.
+    ReduceMean over the leading axis is about twice as slow. With a dynamic
+    one, a sum divided by `max(k, 1)` (`end` holds k): an empty batch gives a
+    shift of 0 on every runtime, where ReduceMean of an empty set is undefined
+    (synchronized layers still publish the moments of an empty replica).
     """
     if rows is None:
-        return emit.reduce(
-            ctx, "ReduceMean", head, [0], keepdims=False, label="shift", shape=(channels,)
-        )
+        total = emit.reduce(ctx, "ReduceSum", head, [0], keepdims=False, shape=(channels,))
+        return _safe_mean(ctx, total, emit.cast(ctx, end, head.dtype, "head_rows"))
     k = min(rows, SHIFT_SAMPLES)
     weights = emit.constant_of_shape(
         ctx, emit.ints(ctx, [k], "head_rows"), 1.0 / max(k, 1), head.dtype
@@ -387,8 +397,11 @@ def _sums_channel_inner(ctx: LoweringContext, x: Value, axis: int, valid: Value 
             "Slice", [x, emit.ints(ctx, [0] * k, "start"), end, emit.ints(ctx, axes, "axes")],
             label="head",
         )
-        # An empty batch gives a NaN shift; its statistics are discarded anyway.
-        shift = emit.reduce(ctx, "ReduceMean", head, axes, keepdims=True, label="shift")
+        # A sum over a safe count, not ReduceMean: an empty batch's shift is 0.
+        total = emit.reduce(ctx, "ReduceSum", head, axes, keepdims=True, label="head_total")
+        size = emit.cast(ctx, ctx.op("Size", [head], dtype="int64", shape=()), dtype)
+        per_channel = ctx.op("Div", [size, emit.scalar(ctx, float(x.shape[axis]), dtype, "c")])
+        shift = _safe_mean(ctx, total, per_channel)
     d = ctx.op("Sub", [x, shift], label="shifted", shape=x.shape)
     s1 = _inner_sum(ctx, "ReduceSum", d, axis, valid, "sum")
     s2 = _inner_sum(ctx, "ReduceSumSquare", d, axis, valid, "sum_sq")

@@ -173,17 +173,21 @@ def test_synchronized_export_in_one_process_on_every_runtime(runtime, axis):
 
 
 @pytest.mark.parametrize("runtime", runtimes.RUNTIMES)
-def test_batch_sizes_other_than_exported_with(runtime):
-    """Dynamic batch: the masked channels-last export over batches of 4, 9, 1 and 1100 rows."""
+@pytest.mark.parametrize("mode,axis", [("masked", -1), ("training", -1), ("training", 1),
+                                       ("masked", 1)])  # fmt: skip
+def test_batch_sizes_other_than_exported_with(runtime, mode, axis):
+    """Dynamic batch: batches of 4, 9, 1, an empty one and 1100 rows, state carried."""
     rng = np.random.default_rng(SEED + 5)
-    model, bn = build((4, 3, 5), -1, mode="masked", rng=rng)
+    model, bn = build((4, 3, 5), axis, mode=mode, rng=rng)
     proto = export_onnx(model, training=True)
-    feeds = [sample((n, 3, 5), -1, "float32", rng, masked=True)[0] for n in (4, 9, 1, 1100)]
-    expected = expected_steps(bn, feeds, axis=-1, updates=True, masked=True)
+    masked = mode == "masked"
+    feeds = [sample((n, 3, 5), axis, "float32", rng, masked=masked)[0] for n in (4, 9, 1, 0, 1100)]
+    expected = expected_steps(bn, feeds, axis=axis, updates=True, masked=masked)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         got = runtimes.carry_state(runtime, proto, feeds)
     for step, ((outputs, state), (y, want)) in enumerate(zip(got, expected)):
+        assert outputs[0].shape == y.shape
         close(runtime, outputs[0], y, "float32", f"{runtime} step {step}: output")
         for name in want:
             close(runtime, state[name], want[name], "float32", f"{runtime} step {step}: {name}")
