@@ -182,3 +182,36 @@ def test_run_reports_progress_lines_and_returns_the_table():
 def test_run_rejects_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         benchmark.run(**kwargs)
+
+
+def load_bench_portable():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parent.parent / "scripts" / "bench_portable.py"
+    spec = importlib.util.spec_from_file_location("bench_portable", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_portable_alternates_the_pair_and_summarizes_paired_ratios():
+    bench_portable = load_bench_portable()
+    calls = []
+    pairs = {"training": (lambda: calls.append("p"), lambda: calls.append("c"))}
+    samples = bench_portable.paired_rounds(lambda: calls.append("m"), pairs, rounds=3)
+    # Two warm-up calls each, then memcpy first and the pair's order flipping per round.
+    assert calls == list("mmppcc") + list("mpcmcpmpc")
+    assert {k: len(v) for k, v in samples["training"].items()} == dict.fromkeys(
+        ("memcpy", "previous", "current"), 3
+    )
+    row = bench_portable.summarize(
+        {"memcpy": [1.0, 1.0, 1.0], "previous": [2.0, 4.0, 3.0], "current": [3.0, 4.0, 6.0]}
+    )
+    assert row["ratio"] == 1.5  # median of 1.5, 1.0, 2.0
+    assert row["of_medians"] == 4.0 / 3.0
+    assert (row["previous_x"], row["current_x"]) == (3.0, 4.0)
+    assert row["q1"] <= row["ratio"] <= row["q3"]
+    row.update(previous_err=1e-6, current_err=2e-6)
+    table = bench_portable.markdown({"small": {"training": row}}, "caption")
+    assert table.splitlines()[-1].startswith("| small 8x16 | training | 1.50 (")
