@@ -42,7 +42,7 @@ import numpy as np
 
 from onnxbn.dtypes import is_float
 from onnxbn.layers.batch_normalization import BatchNormalization, normalize_axis
-from onnxbn.lowering import emit, moments
+from onnxbn.lowering import emit, moments, renormalization
 from onnxbn.lowering.context import LoweringContext, Value
 from onnxbn.lowering.registry import register_lowering
 
@@ -215,36 +215,56 @@ def _training(
     ctx: LoweringContext, op: BatchNormalization, x: Value, axis: int, mask: Value | None
 ) -> Value:
     dtype, channels = x.dtype, x.shape[axis]
-    moving_mean, moving_var = _read_state(ctx, op, dtype)
+    # Every state is declared here, in the layer's weight order (the input order).
+    states = {
+        v.path.rsplit("/", 1)[-1]: emit.cast(
+            ctx, ctx.read_state(v.path, v.value, v.dtype), dtype, v.path.rsplit("/", 1)[-1]
+        )
+        for v in op.state_variables
+    }
     valid = None if mask is None else moments.valid_positions(ctx, mask, x)
     stats = moments.batch_moments(ctx, x, axis, valid, synchronized=op.synchronized)
     mean_d, var = stats.mean_shifted, stats.var
+    batch_mean = ctx.op("Add", [stats.shift, mean_d], label="batch_mean")
     gamma = None if op.gamma is None else _param(ctx, op.gamma, dtype, "gamma")
-    inv = _inverse_std(ctx, var, gamma, op.epsilon, dtype)
+    beta = None if op.beta is None else _param(ctx, op.beta, dtype, "beta")
+    if op.renorm:
+        s, r, d = renormalization.correction(ctx, op, batch_mean, var, states)
+        inv, offset = renormalization.affine(ctx, s, r, d, gamma, beta)
+        new_states = renormalization.updates(ctx, op, batch_mean, s, states, _moving_average)
+    else:
+        inv = _inverse_std(ctx, var, gamma, op.epsilon, dtype)
+        offset = beta
+        new_states = {
+            "moving_mean": _moving_average(ctx, states["moving_mean"], batch_mean, op.momentum),
+            "moving_variance": _moving_average(ctx, states["moving_variance"], var, op.momentum),
+        }
+    # y = (d - mean_d) * inv + offset, as d * inv + (offset - mean_d * inv).
     shift_out = ctx.op("Mul", [mean_d, inv])
-    if op.beta is None:
+    if offset is None:
         offset = ctx.op("Neg", [shift_out], label="offset")
     else:
-        offset = ctx.op("Sub", [_param(ctx, op.beta, dtype, "beta"), shift_out], label="offset")
+        offset = ctx.op("Sub", [offset, shift_out], label="offset")
     if axis != x.rank - 1:  # (C,) broadcasts on the last axis only
         shape = emit.ints(ctx, _param_shape(x.rank, axis, channels), "param_shape")
         inv = ctx.op("Reshape", [inv, shape], label="scale", allowzero=0)
         offset = ctx.op("Reshape", [offset, shape], label="offset", allowzero=0)
     y = ctx.op("Add", [ctx.op("Mul", [stats.shifted, inv], label="scaled"), offset], label="y")
-    batch_mean = ctx.op("Add", [stats.shift, mean_d], label="batch_mean")
-    momentum = emit.scalar(ctx, op.momentum, dtype, "momentum")
-    rate = emit.scalar(ctx, 1.0 - op.momentum, dtype, "rate")
-    for variable, moving, batch in (
-        (op.moving_mean, moving_mean, batch_mean),
-        (op.moving_variance, moving_var, var),
-    ):
-        kept = ctx.op("Mul", [moving, momentum])
-        new = ctx.op("Add", [kept, ctx.op("Mul", [batch, rate])], label="new")
+    for variable in op.state_variables:
+        name = variable.path.rsplit("/", 1)[-1]
+        new = new_states[name]
         if stats.nonempty is not None:
             # An empty unmasked batch has no statistics: the eager layer keeps the state.
-            new = ctx.op("Where", [stats.nonempty, new, moving], dtype=dtype, label="new")
+            new = ctx.op("Where", [stats.nonempty, new, states[name]], dtype=dtype, label="new")
         ctx.write_state(variable.path, emit.cast(ctx, new, variable.dtype, "new"))
     return y
+
+
+def _moving_average(ctx, moving: Value, batch: Value, momentum: float) -> Value:
+    """`moving * momentum + batch * (1 - momentum)`."""
+    kept = ctx.op("Mul", [moving, emit.scalar(ctx, momentum, moving.dtype, "momentum")])
+    rate = emit.scalar(ctx, 1.0 - momentum, moving.dtype, "rate")
+    return ctx.op("Add", [kept, ctx.op("Mul", [batch, rate])], label="new")
 
 
 def _param(ctx, variable, dtype: str, label: str) -> Value:

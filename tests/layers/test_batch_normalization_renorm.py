@@ -542,32 +542,3 @@ def test_inference_export_on_onnxruntime_matches_the_oracle(fold):
     hidden = x.astype(np.float64) @ dense.kernel.numpy().astype(np.float64) + dense.bias.numpy()
     expected = oracle_for(bn, hidden, training=False)[0]
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="the ONNX lowering has no renorm training yet and exports plain BatchNormalization "
-    "training (moving_mean/moving_variance only) for a renorm layer",
-)
-def test_training_export_never_silently_drops_renorm():
-    """Until the lowering implements renorm, a training export must raise, never compute BN."""
-    ort = pytest.importorskip("onnxruntime")  # noqa: F841
-    from onnxbn import runtime
-
-    x_in = onnxbn.Input(shape=(4,), name="x")
-    bn = layers.BatchNormalization(renorm=True, renorm_clipping={"rmax": 1.2}, name="bn")
-    model = onnxbn.Model(x_in, bn(x_in, training=True))
-    layer = make_layer(4, renorm_clipping={"rmax": 1.2})
-    bn.set_weights(layer.get_weights())
-    try:
-        proto = onnxbn.export_onnx(model, training=True)
-    except NotImplementedError as error:
-        assert "renorm" in str(error)
-        return
-    x = data((8, 4), seed=13)
-    session = runtime.Session(proto)
-    (y,) = session.run({"x": x})
-    expected, *states = oracle_for(layer, x, training=True)
-    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
-    for name, value in zip(STATES, states):
-        np.testing.assert_allclose(session.state[f"bn/{name}"], value, rtol=1e-5, atol=1e-5)
