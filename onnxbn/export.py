@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import functools
+import errno
 import json
 import os
-import tempfile
+import secrets
 from typing import Any
 
 import numpy as np
@@ -29,6 +29,9 @@ from onnxbn.tree import flatten, map_structure
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 15
+# The newest opset the lowering rules were checked against (their ops keep their
+# meaning up to it); a newer onnx may redefine an op, so raising it is a review.
+MAX_OPSET = 28
 PRODUCER_NAME = "onnxbn"
 METADATA_LAYER_PREFIX = "onnxbn:layer:"
 
@@ -98,31 +101,13 @@ def export_onnx(
 
 
 # -- opsets -------------------------------------------------------------------------
-@functools.cache
 def newest_opset() -> int:
-    """The newest opset both the installed onnx and onnxruntime support for onnxbn's ops.
+    """The newest opset onnxbn exports: `MAX_OPSET`, or the installed onnx's newest if older.
 
-    Found once per process by exporting a probe model that uses every op the
-    lowering rules emit and asking onnxruntime to load it, newest opset first.
+    A property of the exporter and of onnx's operator schemas, never of an
+    installed runtime: what a runtime loads is checked by the tests.
     """
-    import onnxruntime
-
-    from onnxbn.runtime import ORT_ERRORS
-
-    newest = onnx.defs.onnx_opset_version()
-    for opset in range(newest, MIN_OPSET - 1, -1):
-        probe = _export(_probe_model(), None, opset).SerializeToString()
-        options = onnxruntime.SessionOptions()
-        options.log_severity_level = 3
-        try:
-            onnxruntime.InferenceSession(probe, options, providers=["CPUExecutionProvider"])
-        except ORT_ERRORS:
-            continue  # onnxruntime lacks a kernel or the opset: try an older one
-        return opset
-    raise ValueError(
-        f"The installed onnxruntime loads none of opsets {MIN_OPSET} to {newest} for "
-        "onnxbn's ops; install onnxruntime >= 1.20."
-    )
+    return min(MAX_OPSET, onnx.defs.onnx_opset_version())
 
 
 def check_opset(opset: Any) -> int:
@@ -135,35 +120,10 @@ def check_opset(opset: Any) -> int:
     if not MIN_OPSET <= int(opset) <= newest:
         raise ValueError(
             f"Unsupported opset {opset}: onnxbn exports opsets {MIN_OPSET} to {newest} "
-            f"(the newest that both onnx {onnx.__version__} and the installed onnxruntime "
-            "support)."
+            f"(onnxbn's lowering rules are checked up to opset {MAX_OPSET}; onnx "
+            f"{onnx.__version__} defines opsets up to {onnx.defs.onnx_opset_version()})."
         )
     return int(opset)
-
-
-def _probe_model() -> Any:
-    """A small model whose export uses every op type of every lowering variant."""
-    from onnxbn.layers.batch_normalization import BatchNormalization
-    from onnxbn.model import Model
-    from onnxbn.tensor import Input
-
-    x = Input((3, 4, 5), dtype="float16", name="probe_x")
-    mask = Input((3, 4), dtype="float32", name="probe_mask")
-    xb = Input((4,), batch_size=2, dtype="bfloat16", name="probe_xb")
-    xd = Input((None, 6), dtype="int32", name="probe_xd")
-    outputs = [
-        BatchNormalization(axis=-1, name="probe_last")(x, mask=mask, training=True),
-        BatchNormalization(axis=1, name="probe_inner")(x, mask=mask, training=True),
-        BatchNormalization(axis=2, scale=False, center=False, name="probe_mid")(x, training=True),
-        BatchNormalization(axis=2, dtype="float64", name="probe_f64")(x, training=True),
-        BatchNormalization(axis=0, name="probe_first")(xb),
-        BatchNormalization(axis=-1, name="probe_folded")(x),
-        BatchNormalization(axis=-1, name="probe_rows")(xd, training=True),
-    ]
-    for axis in (1, -1):  # shared layers: state read by a later call of each mode
-        shared = BatchNormalization(axis=axis, name=f"probe_shared{axis}")
-        outputs.append(shared(shared(x, training=True), training=False))
-    return Model([x, mask, xb, xd], outputs, name="probe")
 
 
 # -- graph walk ---------------------------------------------------------------------
@@ -384,33 +344,55 @@ def write_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> None:
 
     A temp file in the same folder is written, flushed and fsynced, then renamed
     over `path`; on any failure the temp file is removed and the previous file
-    is untouched. OS errors pass through unchanged.
+    is untouched. The new file gets the mode a plain `open(path, "w")` gives
+    (the kernel applies the umask), or the replaced file's mode.
+
+    Raises:
+        OSError: the OS error, of the same type, naming `path` (never the temp file).
     """
     try:
         data = model.SerializeToString()
     except _ONNX_ERRORS as error:
         raise ValueError(f"The model could not be serialized: {error}") from error
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, temp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, "Cannot write the model over a folder", path)
+    try:
+        fd, temp = _create_temp(path)
+    except OSError as error:
+        raise _naming(error, path) from None
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(temp, _file_mode(path))
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(temp, os.stat(path).st_mode & 0o777)  # keep the replaced file's mode
         os.replace(temp, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(OSError):
             os.unlink(temp)
+        if isinstance(error, OSError) and error.filename is not None:
+            raise _naming(error, path) from None
         raise
 
 
-def _file_mode(path: str) -> int:
-    """The existing file's mode, else what a plain `open(path, "w")` would give."""
-    try:
-        return os.stat(path).st_mode & 0o777
-    except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
+def _create_temp(path: str) -> tuple[int, str]:
+    """`(fd, name)` of a new, empty file beside `path`, created with mode 0o666 less the umask."""
+    folder = os.path.dirname(os.path.abspath(path))
+    prefix = f".{os.path.basename(path)}."
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        temp = os.path.join(folder, f"{prefix}{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(temp, flags, 0o666), temp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "No free temporary file name beside the model", path)
+
+
+def _naming(error: OSError, path: str) -> OSError:
+    """The same kind of OS error, naming the path the caller gave."""
+    if error.errno is None:
+        return error
+    return type(error)(error.errno, error.strerror, path)

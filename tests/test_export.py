@@ -208,10 +208,138 @@ def test_atomic_write_interrupted_mid_write(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["model.onnx"]
 
 
-def test_os_error_passes_through(tmp_path):
+def test_missing_folder_names_the_users_path(tmp_path):
     model, _, _ = two_layer_model()
-    with pytest.raises(FileNotFoundError):
-        export_onnx(model, tmp_path / "missing" / "model.onnx")
+    path = tmp_path / "missing" / "model.onnx"
+    with pytest.raises(FileNotFoundError) as info:
+        export_onnx(model, path)
+    assert info.value.filename == str(path)
+    assert ".tmp" not in str(info.value) and str(path) in str(info.value)
+
+
+def test_folder_as_path_names_the_users_path(tmp_path):
+    model, _, _ = two_layer_model()
+    with pytest.raises(IsADirectoryError) as info:
+        export_onnx(model, tmp_path)
+    assert info.value.filename == str(tmp_path)
+    assert ".tmp" not in str(info.value)
+    assert os.listdir(tmp_path) == []
+
+
+def test_replace_error_names_the_users_path(tmp_path, monkeypatch):
+    """An error from the final rename (e.g. the path became a folder meanwhile)."""
+    model, _, _ = two_layer_model()
+    path = tmp_path / "model.onnx"
+
+    def replace(src, dst):
+        raise IsADirectoryError(21, "Is a directory", src, dst)
+
+    monkeypatch.setattr(export_module.os, "replace", replace)
+    with pytest.raises(IsADirectoryError) as info:
+        export_onnx(model, path)
+    assert info.value.filename == str(path) and info.value.filename2 is None
+    assert os.listdir(tmp_path) == []
+
+
+def test_new_file_mode_follows_the_umask(tmp_path):
+    model, _, _ = two_layer_model()
+    previous = os.umask(0o027)
+    try:
+        export_onnx(model, tmp_path / "model.onnx")
+    finally:
+        os.umask(previous)
+    assert os.stat(tmp_path / "model.onnx").st_mode & 0o777 == 0o640
+
+
+def test_replaced_file_keeps_its_mode(tmp_path):
+    model, _, _ = two_layer_model()
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"old")
+    os.chmod(path, 0o604)
+    export_onnx(model, path)
+    assert os.stat(path).st_mode & 0o777 == 0o604
+    assert onnx.load(str(path)).graph.name == "two"
+
+
+# -- independence from any runtime ---------------------------------------------------
+_WITHOUT_ONNXRUNTIME = """
+import sys
+
+class Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name == "onnxruntime" or name.startswith("onnxruntime."):
+            raise ImportError(f"{name} is blocked by the test")
+
+sys.meta_path.insert(0, Blocker())
+import numpy as np
+import onnx
+import onnxbn
+from onnxbn import layers
+
+x = onnxbn.Input((4, 3), name="x")
+y = layers.BatchNormalization(name="bn")(x, training=True)
+model = onnxbn.Model(x, y)
+path = sys.argv[1]
+for opset in (15, 18, onnxbn.export.newest_opset()):
+    proto = onnxbn.export_onnx(model, path, opset=opset)
+    onnx.checker.check_model(onnx.load(path), full_check=True)
+assert list(onnxbn.initial_state(path)) == ["bn/moving_mean", "bn/moving_variance"]
+session = onnxbn.reference.Session(path)
+session.run({"x": np.ones((2, 4, 3), np.float32)})
+assert "onnxruntime" not in sys.modules, "onnxruntime was imported"
+print("exported without onnxruntime")
+"""
+
+
+def test_export_works_without_onnxruntime(tmp_path):
+    """Export, initial_state and the reference Session need no runtime at all."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_ONNXRUNTIME, str(tmp_path / "m.onnx")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "exported without onnxruntime" in result.stdout
+
+
+def _probe_model() -> onnxbn.Model:
+    """A small model whose export uses every op type of every lowering variant."""
+    onnxbn.reset_names()
+    x = onnxbn.Input((3, 4, 5), dtype="float16", name="probe_x")
+    mask = onnxbn.Input((3, 4), dtype="float32", name="probe_mask")
+    xb = onnxbn.Input((4,), batch_size=2, dtype="bfloat16", name="probe_xb")
+    xd = onnxbn.Input((None, 6), dtype="int32", name="probe_xd")
+    bn = layers.BatchNormalization
+    outputs = [
+        bn(axis=-1, name="probe_last")(x, mask=mask, training=True),
+        bn(axis=1, name="probe_inner")(x, mask=mask, training=True),
+        bn(axis=2, scale=False, center=False, name="probe_mid")(x, training=True),
+        bn(axis=2, dtype="float64", name="probe_f64")(x, training=True),
+        bn(axis=0, name="probe_first")(xb),
+        bn(axis=-1, name="probe_folded")(x),
+        bn(axis=-1, name="probe_rows")(xd, training=True),
+        bn(axis=-1, renorm=True, name="probe_renorm")(x, mask=mask, training=True),
+        bn(axis=-1, synchronized=True, name="probe_sync")(x, training=True),
+    ]
+    for axis in (1, -1):  # shared layers: state read by a later call of each mode
+        shared = bn(axis=axis, name=f"probe_shared{axis}")
+        outputs.append(shared(shared(x, training=True), training=False))
+    return onnxbn.Model([x, mask, xb, xd], outputs, name="probe")
+
+
+@pytest.mark.parametrize("opset", range(MIN_OPSET, newest_opset() + 1))
+def test_onnxruntime_loads_every_lowering_at_every_exported_opset(opset):
+    """Runtime capability is the tests' business: every opset export_onnx accepts loads."""
+    import onnxruntime as ort
+
+    proto = export_onnx(_probe_model(), opset=opset)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 MODELS_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "models")
