@@ -11,32 +11,61 @@ Two execution paths, kept apart:
 onnxruntime's Python API has no NumPy type for bfloat16: bfloat16 feeds go in as
 OrtValues built from the raw 16-bit words, and bfloat16 results are copied out
 word for word into `ml_dtypes.bfloat16` arrays.
+
+onnxruntime is an optional dependency (export and `onnxbn.reference` do not
+need it): `pip install "onnxbn[cpu]"` installs the `onnxruntime` wheel,
+`pip install "onnxbn[gpu]"` the `onnxruntime-gpu` wheel. The two install the
+same `onnxruntime` package over each other, so exactly one of them may be
+installed; `Session` raises a clear `ImportError` when none is and warns when
+several are.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_dtypes
 import numpy as np
 import onnx
-import onnxruntime
 from google.protobuf.message import DecodeError
 from onnx import TensorProto
 
 from onnxbn.contract import load_model
 from onnxbn.session import StatefulSession
 
+try:
+    import onnxruntime
+except ImportError as error:  # export and the reference interpreter run without it
+    onnxruntime = None
+    _IMPORT_ERROR: ImportError | None = error
+else:
+    _IMPORT_ERROR = None
+
 CPU = "CPUExecutionProvider"
+# Distributions that each install the `onnxruntime` Python package.
+RUNTIME_DISTRIBUTIONS = (
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "onnxruntime-directml",
+    "onnxruntime-openvino",
+    "onnxruntime-qnn",
+)
+INSTALL_HINT = (
+    'install exactly one onnxruntime wheel: pip install "onnxbn[cpu]" (onnxruntime, CPU) or '
+    'pip install "onnxbn[gpu]" (onnxruntime-gpu, CUDA and CPU)'
+)
 CUDA = "CUDAExecutionProvider"
 _BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 
 
 def _ort_errors() -> tuple[type[BaseException], ...]:
     """onnxruntime's own exception types (its pybind module defines them)."""
+    if onnxruntime is None:
+        return (RuntimeError,)
     from onnxruntime.capi import onnxruntime_pybind11_state as state
 
     names = (
@@ -49,6 +78,45 @@ def _ort_errors() -> tuple[type[BaseException], ...]:
 
 
 ORT_ERRORS = _ort_errors()
+
+
+def installed_runtimes() -> list[str]:
+    """The installed distributions that provide the `onnxruntime` package, e.g. `["onnxruntime"]`."""
+    from importlib import metadata
+
+    found = set()
+    for dist in metadata.distributions():
+        name = (dist.metadata["Name"] or "").lower().replace("_", "-")
+        if name in RUNTIME_DISTRIBUTIONS:
+            found.add(name)
+    return sorted(found)
+
+
+def require_onnxruntime() -> None:
+    """Raises `ImportError` saying how to install onnxruntime when it is missing.
+
+    Warns (`RuntimeWarning`) when several onnxruntime distributions are
+    installed: they overwrite each other's files, so CUDA may silently be
+    missing or the package may be broken.
+    """
+    if onnxruntime is None:
+        raise ImportError(
+            f"onnxbn.runtime.Session runs models on onnxruntime, which is not installed "
+            f"({_IMPORT_ERROR}); {INSTALL_HINT}. Export and onnxbn.reference.Session need "
+            "no onnxruntime."
+        ) from _IMPORT_ERROR
+    runtimes = installed_runtimes()
+    if len(runtimes) > 1:
+        keep = "onnxruntime-gpu" if "onnxruntime-gpu" in runtimes else runtimes[-1]
+        warnings.warn(
+            f"Several onnxruntime distributions are installed ({', '.join(runtimes)}); they "
+            f"share one `onnxruntime` package and overwrite each other's files, so the "
+            f"providers you get are an accident of install order "
+            f"(now {onnxruntime.get_available_providers()}). Keep one: "
+            f"pip uninstall -y {' '.join(runtimes)} && pip install {keep}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _check_providers(providers: Any) -> list[Any]:
@@ -95,6 +163,8 @@ class Session(StatefulSession):
         state: `{"<layer>/moving_mean": array, ...}` (empty without state).
 
     Raises:
+        ImportError: onnxruntime is not installed (`pip install "onnxbn[cpu]"`
+            or `"onnxbn[gpu]"`).
         TypeError: a bad `model_or_path` or `providers` type.
         ValueError: an invalid model, an unknown provider, a requested
             provider onnxruntime could not use, or an onnxruntime error.
@@ -103,6 +173,7 @@ class Session(StatefulSession):
     def __init__(
         self, model_or_path: Any, providers: Sequence[Any] | None = None, comm: Any = None
     ) -> None:
+        require_onnxruntime()
         model = load_model(model_or_path)
         super().__init__(model, comm=comm)
         data = model.SerializeToString()

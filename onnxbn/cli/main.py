@@ -2,7 +2,7 @@
 
 Errors are printed on stderr as one line, without a traceback. Exit codes:
 0 success, 1 a check found disagreement, 2 bad usage or bad input
-(`ValueError`, `TypeError`, a missing file), 3 an operation the model needs
+(`ValueError`, `TypeError`, a missing file, a missing optional package), 3 an operation the model needs
 is not implemented.
 """
 
@@ -22,11 +22,24 @@ EXIT_NOT_IMPLEMENTED = 3
 COMMANDS = (export_cmd, run_cmd, check_cmd, inspect_cmd, bench_cmd)
 
 
+def version() -> str:
+    """The installed distribution's version (the package's own where it is not installed)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("onnxbn")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        import onnxbn
+
+        return onnxbn.__version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="onnxbn",
         description="Export Keras-exact BatchNormalization models to ONNX and run them.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for command in COMMANDS:
         sub = subparsers.add_parser(
@@ -46,6 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NotImplementedError as error:
         print(f"onnxbn {args.command}: not implemented: {error}", file=sys.stderr)
         return EXIT_NOT_IMPLEMENTED
+    except ImportError as error:  # e.g. `run` without onnxruntime installed
+        print(f"onnxbn {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except (ValueError, TypeError, KeyError, OSError) as error:
         message = str(error) if not isinstance(error, KeyError) else str(error.args[0])
         print(f"onnxbn {args.command}: error: {message}", file=sys.stderr)
