@@ -93,6 +93,26 @@ def map_graph(
     return nodes, operations
 
 
+def _describe(op: Operation) -> str:
+    calls = len(getattr(op, "_inbound_nodes", ()))
+    return f"<{type(op).__name__} name={op.name!r} at 0x{id(op):x}, {calls} call(s)>"
+
+
+def _check_unique_names(operations: list[Operation]) -> None:
+    """Keras's rule: every operation of a model has its own name (weights are found by it)."""
+    by_name: dict[str, list[Operation]] = {}
+    for op in operations:
+        by_name.setdefault(op.name, []).append(op)
+    for name, ops in by_name.items():
+        if len(ops) > 1:
+            raise ValueError(
+                f"The name {name!r} is used by {len(ops)} different layers of the model: "
+                f"{', '.join(_describe(op) for op in ops)}. Every layer of a model needs its "
+                "own name (weight paths, graph names and configs use it); rename one, e.g. "
+                f"name={name + '_1'!r}. A layer called twice is shared and counts once."
+            )
+
+
 class Model(Operation):
     """A functional model: the graph of calls between `inputs` and `outputs`.
 
@@ -113,8 +133,9 @@ class Model(Operation):
 
     Raises:
         TypeError: inputs/outputs that are not symbolic tensors.
-        ValueError: inputs not connected to the outputs, or outputs that need
-            an input the model does not have.
+        ValueError: inputs not connected to the outputs, outputs that need
+            an input the model does not have, or two different layers with the
+            same name.
     """
 
     def __init__(self, inputs: Any, outputs: Any, name: str | None = None, trainable: bool = True):
@@ -131,6 +152,7 @@ class Model(Operation):
         if len({id(t) for t in self.inputs}) != len(self.inputs):
             raise ValueError("Model inputs must be distinct tensors.")
         self._nodes, self._operations = map_graph(self.inputs, self.outputs)
+        _check_unique_names(self._operations)
         super().__init__(name=name)
         if not trainable:
             self.trainable = False

@@ -218,3 +218,23 @@ def test_bad_model_configs(mutate, error, match):
     mutate(config)
     with pytest.raises(error, match=match):
         onnxbn.Model.from_config(config)
+
+
+def test_two_layers_with_one_name_are_refused_at_model():
+    x = onnxbn.Input(shape=(4,), name="x")
+    first = layers.BatchNormalization(name="bn")
+    second = layers.BatchNormalization(name="bn")
+    y = second(first(x))
+    with pytest.raises(ValueError) as info:
+        onnxbn.Model(x, y)
+    message = str(info.value)
+    assert "'bn' is used by 2 different layers" in message
+    assert message.count("<BatchNormalization name='bn' at 0x") == 2
+    assert f"0x{id(first):x}" in message and f"0x{id(second):x}" in message
+    # An input named like a layer collides too; a shared layer is one layer.
+    z = onnxbn.Input(shape=(4,), name="dense")
+    with pytest.raises(ValueError, match="'dense' is used by 2 different layers"):
+        onnxbn.Model(z, layers.Dense(2, name="dense")(z))
+    shared = layers.BatchNormalization(name="shared")
+    model = onnxbn.Model(x, shared(shared(x)))
+    assert [layer.name for layer in model.layers] == ["x", "shared"]
