@@ -35,7 +35,7 @@ from google.protobuf.message import DecodeError
 from onnx import TensorProto
 
 from onnxbn.contract import load_model
-from onnxbn.session import StatefulSession
+from onnxbn.session import StatefulSession, StateDict
 
 try:
     import onnxruntime
@@ -261,11 +261,12 @@ class Session(StatefulSession):
         return [_to_numpy(v) for v in values[:count]]
 
     @property
-    def state(self) -> dict[str, np.ndarray]:
-        """Current moving statistics (copied from the device on the CUDA path)."""
+    def state(self) -> StateDict:
+        """Current state, read-only (copied from the device on the CUDA path); see
+        `StatefulSession.state`."""
         if self._on_device:
             with self._lock:
-                return {k: _to_numpy(v) for k, v in self._device_state.items()}
+                return StateDict({k: _to_numpy(v) for k, v in self._device_state.items()})
         return StatefulSession.state.fget(self)
 
     @state.setter

@@ -23,10 +23,18 @@ from onnxbn.contract import SYNC_FLAG, initial_state, state_pairs, sync_pairs
 class FeedSpec:
     """Name, NumPy dtype and static shape (None for dynamic dims) of a graph input."""
 
-    def __init__(self, name: str, dtype: np.dtype, shape: tuple[int | None, ...] | None):
+    def __init__(
+        self,
+        name: str,
+        dtype: np.dtype,
+        shape: tuple[int | None, ...] | None,
+        dim_params: tuple[str | None, ...] | None = None,
+    ):
         self.name = name
         self.dtype = dtype
         self.shape = shape
+        # The dim_param of each dynamic dim (`batch`, ...): equal names must get equal sizes.
+        self.dim_params = dim_params
 
     def __repr__(self) -> str:
         return f"FeedSpec({self.name!r}, {self.dtype}, {self.shape})"
@@ -36,12 +44,34 @@ def value_info_spec(value_info: onnx.ValueInfoProto) -> FeedSpec:
     """Reads name, dtype and (partial) shape of a graph input or output."""
     tensor_type = value_info.type.tensor_type
     dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
-    shape = None
+    shape = params = None
     if tensor_type.HasField("shape"):
-        shape = tuple(
-            d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim
-        )
-    return FeedSpec(value_info.name, dtype, shape)
+        dims = tensor_type.shape.dim
+        shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
+        params = tuple(d.dim_param if d.HasField("dim_param") else None for d in dims)
+    return FeedSpec(value_info.name, dtype, shape, params)
+
+
+def check_shared_dims(arrays: Mapping[str, np.ndarray], specs: Mapping[str, FeedSpec]) -> None:
+    """Feeds whose dims share a dim_param (e.g. `batch` of `x` and `mask`) must agree.
+
+    Raises:
+        ValueError: naming the dim_param, both feeds and both shapes.
+    """
+    seen: dict[str, tuple[int, str, tuple[int, ...]]] = {}
+    for name, array in arrays.items():
+        params = specs[name].dim_params if name in specs else None
+        for axis, param in enumerate(params or ()):
+            if not param or axis >= array.ndim:
+                continue
+            size = array.shape[axis]
+            first = seen.setdefault(param, (size, name, array.shape))
+            if first[0] != size:
+                raise ValueError(
+                    f"Feeds {first[1]!r} (shape {first[2]}) and {name!r} (shape {array.shape}) "
+                    f"disagree on dim {param!r}: {first[0]} vs {size}. The model declares both "
+                    f"dims as {param!r}, so they must have the same size."
+                )
 
 
 def convert_feed(name: str, value: Any, spec: FeedSpec) -> np.ndarray:
@@ -104,6 +134,36 @@ def _collectively(comm: Any, fn: Any) -> Any:
     return value
 
 
+class StateDict(dict):
+    """A read-only snapshot of a session's state (`session.state`).
+
+    Item assignment would change a copy and be lost, so it raises and points at
+    the setter: `session.state = {"bn/moving_mean": value}` (a partial dict
+    sets only the names it holds). The arrays are read-only too; `dict(state)`
+    or `{**state}` gives a plain dict to edit.
+    """
+
+    def __init__(self, values: Mapping[str, np.ndarray]) -> None:
+        super().__init__()
+        for name, value in values.items():
+            array = np.array(value, copy=True)
+            array.flags.writeable = False
+            dict.__setitem__(self, name, array)
+
+    def _read_only(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError(
+            "session.state is a read-only snapshot; assigning into it would change nothing. "
+            "Set state with `session.state = {name: value, ...}` (names you leave out keep "
+            "their values), e.g. session.state = {**session.state, 'bn/moving_mean': new}."
+        )
+
+    __setitem__ = __delitem__ = __ior__ = _read_only
+    update = pop = popitem = clear = setdefault = _read_only
+
+    def __reduce__(self) -> Any:
+        return (dict, (dict(self),))
+
+
 def _show(shape: Sequence[int | None]) -> str:
     return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
 
@@ -142,9 +202,13 @@ class StatefulSession:
         self._lock = threading.Lock()
 
     @property
-    def state(self) -> dict[str, np.ndarray]:
-        """Current moving statistics, `{"<layer>/moving_mean": array, ...}` (a copy)."""
-        return {k: v.copy() for k, v in self._state.items()}
+    def state(self) -> StateDict:
+        """Current state, `{"<layer>/moving_mean": array, ...}`: a read-only snapshot.
+
+        Assign the property to change it (`session.state = {name: value}`; names
+        left out keep their values); item assignment raises `TypeError`.
+        """
+        return StateDict(self._state)
 
     @state.setter
     def state(self, values: Mapping[str, Any]) -> None:
@@ -194,7 +258,9 @@ class StatefulSession:
         missing = [n for n in self._required if n not in feeds]
         if missing:
             raise ValueError(f"Missing feeds {missing}; the model's inputs are {self.input_names}.")
-        return {n: convert_feed(n, v, self._input_specs[n]) for n, v in feeds.items()}
+        arrays = {n: convert_feed(n, v, self._input_specs[n]) for n, v in feeds.items()}
+        check_shared_dims(arrays, self._input_specs)
+        return arrays
 
     def run(self, feeds: Mapping[str, Any]) -> list[np.ndarray]:
         """Runs the model once.

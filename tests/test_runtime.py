@@ -103,8 +103,8 @@ def test_state_carrying_and_failed_run_leaves_state():
     after = session.state
     assert not np.allclose(after["bn/moving_mean"], before["bn/moving_mean"])
     bad = feeds(rng)
-    bad["mask"] = np.ones((3, 4), bool)  # batch differs from x: onnxruntime fails
-    with pytest.raises(ValueError, match="onnxruntime failed"):
+    bad["mask"] = np.ones((3, 4), bool)  # batch differs from x
+    with pytest.raises(ValueError, match="disagree on dim 'batch'"):
         session.run(bad)
     np.testing.assert_array_equal(session.state["bn/moving_mean"], after["bn/moving_mean"])
     session.state = {"bn/moving_mean": np.zeros(3)}
@@ -185,3 +185,62 @@ def test_cuda_state_setter_uploads():
     session = Session(export_onnx(model), providers=[CUDA, "CPUExecutionProvider"])
     session.state = {"bn/moving_mean": np.full(3, 2.0)}
     np.testing.assert_array_equal(session.state["bn/moving_mean"], 2.0)
+
+
+def _both_sessions(model):
+    from onnxbn import reference
+
+    return [("ort", Session(model)), ("reference", reference.Session(model))]
+
+
+def test_state_is_read_only_and_points_at_the_setter(tmp_path):
+    model, bn = training_model()
+    proto = export_onnx(model, training=True)
+    for engine, session in _both_sessions(proto):
+        state = session.state
+        assert isinstance(state, dict) and list(state) == ["bn/moving_mean", "bn/moving_variance"]
+        with pytest.raises(TypeError, match=r"read-only.*session\.state = \{"):
+            state["bn/moving_mean"] = np.ones(3, np.float32)
+        for mutate in (
+            lambda s: s.update({}),
+            lambda s: s.pop("bn/moving_mean"),
+            lambda s: s.clear(),
+            lambda s: s.__delitem__("bn/moving_mean"),
+        ):
+            with pytest.raises(TypeError, match="read-only"):
+                mutate(state)
+        with pytest.raises(ValueError, match="read-only"):
+            state["bn/moving_mean"][0] = 5.0  # the arrays too: a change would be lost
+        np.testing.assert_array_equal(session.state["bn/moving_mean"], np.zeros(3), engine)
+        # The setter works, also with a partial dict; plain copies are editable.
+        session.state = {"bn/moving_mean": np.full(3, 2.0, np.float32)}
+        np.testing.assert_array_equal(session.state["bn/moving_mean"], np.full(3, 2.0))
+        np.testing.assert_array_equal(session.state["bn/moving_variance"], np.ones(3))
+        editable = dict(session.state)
+        editable["bn/moving_mean"] = np.zeros(3, np.float32)
+        session.state = editable
+        np.testing.assert_array_equal(session.state["bn/moving_mean"], np.zeros(3))
+        np.savez(tmp_path / f"{engine}.npz", **session.state)
+        import copy
+        import pickle
+
+        assert type(pickle.loads(pickle.dumps(session.state))) is dict
+        assert type(copy.deepcopy(session.state)) is dict
+
+
+def test_feeds_sharing_a_dim_param_must_agree():
+    model, _ = training_model()
+    proto = export_onnx(model, training=True)
+    rng = np.random.default_rng(0)
+    good = feeds(rng, batch=3)
+    for engine, session in _both_sessions(proto):
+        before = session.state
+        bad = {"x": good["x"], "mask": good["mask"][:2]}
+        with pytest.raises(ValueError) as info:
+            session.run(bad)
+        message = str(info.value)
+        assert "'x' (shape (3, 4, 3))" in message and "'mask' (shape (2, 4))" in message
+        assert "dim 'batch': 3 vs 2" in message, engine
+        for name, value in before.items():
+            np.testing.assert_array_equal(session.state[name], value)
+        session.run(good)
