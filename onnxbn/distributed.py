@@ -4,7 +4,8 @@ Each process computes per-channel partial moments `(count, mean, M2)` of its
 own batch; one all-gather exchanges them (3·C float64 values per process) and
 every process combines them with Chan et al.'s parallel formula in rank order,
 so all replicas end with bit-identical statistics. MPI comes from `mpi4py`
-(`pip install "onnxbn[distributed]"`); a single process never needs it.
+(`pip install "onnxbn[distributed]"`); a single process never needs it. This
+module imports only NumPy: the layers and both engines' sessions share it.
 
 Usage:
     mpiexec -n 4 python train.py         # COMM_WORLD is used by default
@@ -22,8 +23,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-
-from onnxbn.layers.moments import combine_moments
 
 INSTALL_HINT = 'pip install "onnxbn[distributed]" (mpi4py and an MPI runtime)'
 # Variables MPI launchers (MPICH/Hydra, Open MPI, Intel MPI, Slurm PMI) set in each process.
@@ -75,6 +74,21 @@ def active_communicator() -> Any:
     if launched_processes() > 1:
         return world()
     return None
+
+
+def combine_moments(
+    a: tuple[np.ndarray, np.ndarray, np.ndarray],
+    b: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Chan et al.'s parallel combination of two `(count, mean, M2)` partials."""
+    n_a, mean_a, m2_a = a
+    n_b, mean_b, m2_b = b
+    n = n_a + n_b
+    safe = np.where(n > 0, n, 1.0)
+    delta = mean_b - mean_a
+    mean = mean_a + delta * (n_b / safe)
+    m2 = m2_a + m2_b + np.square(delta) * (n_a * n_b / safe)
+    return n, mean, m2
 
 
 def allreduce_moments(

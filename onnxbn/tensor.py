@@ -107,30 +107,3 @@ class SymbolicTensor:
 
     def __bool__(self) -> bool:
         raise TypeError(f"SymbolicTensor {self._name!r} has no truth value.")
-
-
-def Input(  # noqa: N802 - Keras's name
-    shape: Sequence[int | None],
-    batch_size: int | None = None,
-    dtype: Any = "float32",
-    name: str | None = None,
-) -> SymbolicTensor:
-    """Creates a model input (Keras's `keras.Input`).
-
-    Args:
-        shape: shape without the batch axis; `None` for unknown dims.
-        batch_size: optional fixed batch size (dynamic when `None`).
-        dtype: input dtype name.
-        name: input name (also the ONNX graph input name).
-
-    Returns:
-        The `SymbolicTensor` output of a new `InputLayer`.
-    """
-    from onnxbn.layers.input_layer import InputLayer
-
-    if batch_size is not None and (
-        isinstance(batch_size, bool) or not hasattr(batch_size, "__index__")
-    ):
-        raise TypeError(f"batch_size must be an int or None, received {batch_size!r}.")
-    layer = InputLayer(batch_shape=(batch_size,) + standardize_shape(shape), dtype=dtype, name=name)
-    return layer.output

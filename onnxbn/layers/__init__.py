@@ -9,12 +9,12 @@ from onnxbn.layers.dropout import Dropout
 from onnxbn.layers.embedding import Embedding
 from onnxbn.layers.flatten import Flatten
 from onnxbn.layers.global_average_pooling import GlobalAveragePooling1D, GlobalAveragePooling2D
-from onnxbn.layers.input_layer import InputLayer
+from onnxbn.layers.input_layer import Input, InputLayer
 from onnxbn.layers.layer import Layer
 from onnxbn.layers.masking import Masking
 from onnxbn.layers.registry import deserialize, serialize
 
-__all__ = ["BatchNormalization", "InputLayer", "Layer", "deserialize", "serialize"]
+__all__ = ["BatchNormalization", "Input", "InputLayer", "Layer", "deserialize", "serialize"]
 __all__ += [
     "Activation",
     "Add",

@@ -1,7 +1,8 @@
-"""`InputLayer`: the operation behind `onnxbn.Input`."""
+"""`Input` and `InputLayer`, the operation behind it (as in Keras's `input_layer.py`)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from onnxbn.dtypes import standardize_dtype
@@ -66,3 +67,28 @@ class InputLayer(Layer):
             "name": self.name,
             "optional": False,
         }
+
+
+def Input(  # noqa: N802 - Keras's name
+    shape: Sequence[int | None],
+    batch_size: int | None = None,
+    dtype: Any = "float32",
+    name: str | None = None,
+) -> SymbolicTensor:
+    """Creates a model input (Keras's `keras.Input`).
+
+    Args:
+        shape: shape without the batch axis; `None` for unknown dims.
+        batch_size: optional fixed batch size (dynamic when `None`).
+        dtype: input dtype name.
+        name: input name (also the ONNX graph input name).
+
+    Returns:
+        The `SymbolicTensor` output of a new `InputLayer`.
+    """
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not hasattr(batch_size, "__index__")
+    ):
+        raise TypeError(f"batch_size must be an int or None, received {batch_size!r}.")
+    layer = InputLayer(batch_shape=(batch_size,) + standardize_shape(shape), dtype=dtype, name=name)
+    return layer.output

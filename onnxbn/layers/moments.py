@@ -4,7 +4,8 @@ Also the axis and mask-shape rules every moments caller checks first.
 
 Everything here accumulates in float64 and never uses `E[x²] − E[x]²`, which
 loses every digit on data such as `1e4 + N(0, 1)` in float32. The partial form
-`(count, mean, M2)` combines across replicas with Chan et al.'s parallel formula.
+`(count, mean, M2)` combines across replicas with Chan et al.'s parallel formula
+(`onnxbn.distributed.combine_moments`).
 """
 
 from __future__ import annotations
@@ -89,21 +90,6 @@ def _partial_moments(x64, reduction_axes, valid):
     mean = total / np.maximum(count, 1.0)
     m2 = np.where(valid, np.square(x64 - mean), 0.0).sum(axis=reduction_axes)
     return count.reshape(m2.shape), mean.reshape(m2.shape), m2
-
-
-def combine_moments(
-    a: tuple[np.ndarray, np.ndarray, np.ndarray],
-    b: tuple[np.ndarray, np.ndarray, np.ndarray],
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Chan et al.'s parallel combination of two `(count, mean, M2)` partials."""
-    n_a, mean_a, m2_a = a
-    n_b, mean_b, m2_b = b
-    n = n_a + n_b
-    safe = np.where(n > 0, n, 1.0)
-    delta = mean_b - mean_a
-    mean = mean_a + delta * (n_b / safe)
-    m2 = m2_a + m2_b + np.square(delta) * (n_a * n_b / safe)
-    return n, mean, m2
 
 
 def finish_moments(

@@ -249,7 +249,8 @@ def test_pure_function_matches_the_oracle_with_global_moments():
     whole = oracle_for(layer, full, training=True)
 
     def reduce_partial(partial):
-        from onnxbn.layers.moments import combine_moments, partial_moments
+        from onnxbn.distributed import combine_moments
+        from onnxbn.layers.moments import partial_moments
 
         return combine_moments(partial, partial_moments(other, (0,)))
 
