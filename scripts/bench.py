@@ -1,7 +1,7 @@
 """Benchmark: onnxbn's exports on onnxruntime CPU against a memcpy proxy and the native node.
 
-The benchmark itself lives in `onnxbn/benchmark.py` (so `onnxbn bench` works from
-an installed package; the formulations tried are listed there); this script keeps
+The benchmark itself lives in `onnxbn/cli/benchmark.py` (so `onnxbn bench` works from
+an installed package; the formulations tried: `docs/lowering.md`); this script keeps
 its command line: per-layout lines as results come in, then one Markdown table
 per thread setting.
 
@@ -18,7 +18,7 @@ import sys
 # Run from a checkout without installing the package.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from onnxbn import benchmark  # noqa: E402
+from onnxbn.cli import benchmark  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

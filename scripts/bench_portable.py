@@ -6,7 +6,7 @@ Slice ends, data-dependent masked head, initializer-backed state inputs); the
 current one is this working tree. Each is exported in its own subprocess (the
 previous from a `git archive` of its `onnxbn/` in a temporary folder, removed
 afterwards) with the same public-API code and the weights of
-`onnxbn.benchmark.layout_data`, then both are timed here, in one process:
+`onnxbn.cli.benchmark.layout_data`, then both are timed here, in one process:
 
 - one round runs `np.copyto` of the input's bytes, then the previous and the
   current export of each mode (inference, training, masked training), the pair's
@@ -44,7 +44,7 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 # Run from a checkout without installing the package.
 sys.path.insert(0, ROOT)
 
-from onnxbn import benchmark  # noqa: E402
+from onnxbn.cli import benchmark  # noqa: E402
 
 MODES = ("inference", "training", "masked")
 FULL_RUNS, QUICK_RUNS = 60, 6

@@ -2,7 +2,7 @@
 
 By default it runs the graphs `onnxbn.export_onnx` writes for a
 BatchNormalization layer (inference, training and masked-training exports,
-built as `onnxbn.benchmark` builds them) on float32 NCHW 32x64x56x56, NHWC
+built as `onnxbn.cli.benchmark` builds them) on float32 NCHW 32x64x56x56, NHWC
 32x56x56x64, 2-D 4096x1024 and 8x16 inputs (`x = 1e4 + N(0, 1)`), and prints
 a Markdown table of each engine's median time and their ratio (onnx.reference
 time / onnxbn.reference time; medians over >= 20 runs on the small shape,
@@ -31,7 +31,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from onnxbn import benchmark
+from onnxbn.cli import benchmark
 from onnxbn.reference import Interpreter
 
 SHAPES = {"NCHW 32x64x56x56": (32, 64, 56, 56), "2-D 4096x1024": (4096, 1024), "8x16": (8, 16)}
@@ -203,7 +203,7 @@ def random_feeds(model: onnx.ModelProto, dim: int, rng: np.random.Generator) -> 
 
 
 def export_cases(layout: str) -> tuple[list[tuple[str, onnx.ModelProto, dict]], str]:
-    """The three exports of one `onnxbn.benchmark.LAYOUTS` layout, with their feeds."""
+    """The three exports of one `onnxbn.cli.benchmark.LAYOUTS` layout, with their feeds."""
     shape, axis = benchmark.LAYOUTS[layout]
     _, weights, feeds = benchmark.layout_data(layout)
     exports = benchmark.onnxbn_exports(shape, axis, weights)

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxbn import benchmark
+from onnxbn.cli import benchmark
 
 
 def weights_for(channels: int, rng: np.random.Generator) -> dict[str, np.ndarray]:

@@ -6,7 +6,7 @@ import argparse
 
 NAME = "bench"
 HELP = "benchmark the exports against a memcpy of the same bytes"
-# The benchmark's layout names (onnxbn.benchmark.LAYOUTS), listed here so that
+# The benchmark's layout names (onnxbn.cli.benchmark.LAYOUTS), listed here so that
 # building the parser does not import onnxruntime.
 LAYOUTS = ("NCHW", "NHWC", "2D", "small")
 
@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from onnxbn import benchmark
+    from onnxbn.cli import benchmark
 
     table = benchmark.run(
         quick=args.quick,

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from onnxbn import benchmark
+from onnxbn.cli import benchmark
 from onnxbn.cli import main
 
 RATIO = re.compile(r"^(\S+)x \((\S+) ms(?:, err (\S+))?\)$")

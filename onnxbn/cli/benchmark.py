@@ -11,14 +11,14 @@ a small 8x16), in one process, it times
 as medians over interleaved rounds (>= 20 runs each; `quick=True` runs fewer and
 says so in the table), and reports the max error of each against a float64
 NumPy reference on the hard input `x = 1e4 + N(0, 1)`. `run` returns a Markdown
-table for the README; `onnxbn bench` and `scripts/bench.py` print it.
+table for the README; `onnxbn bench` and `scripts/bench.py` print it. It belongs
+to the command: nothing in the library imports it, and `onnxbn bench` loads it
+only when it runs.
 
-The formulations tried for the lowering, with their measurements, are recorded
-where the choice is made: `onnxbn/lowering/moments.py` and
-`onnxbn/lowering/batch_normalization.py`.
+The formulations tried for the lowering, with their measurements: `docs/lowering.md`.
 
 Usage:
-    from onnxbn import benchmark
+    from onnxbn.cli import benchmark
     print(benchmark.run(quick=True, layouts=["small"]))
 """
 
@@ -44,7 +44,6 @@ LAYOUTS: dict[str, tuple[tuple[int, ...], int]] = {  # name: (shape, channel axi
     "2D": ((4096, 1024), 1),
     "small": ((8, 16), 1),
 }
-TARGETS = {"inference": 1.0, "training": 2.0, "masked": 3.0}
 MOMENTUM, EPSILON = 0.99, 1e-3
 COLUMNS = (
     "native BN (NCHW)",
