@@ -211,6 +211,9 @@ class Model(Operation):
 
     def set_weights(self, weights: Sequence[Any]) -> None:
         """Sets every weight from a list in Keras order (checked before any assignment)."""
+        if isinstance(weights, (list, tuple)) and len(weights) == len(self.weights):
+            for variable, value in zip(self.weights, weights):
+                variable.check(value)  # e.g. a negative variance, before anything changes
         assign_weights(self.weights, weights, f"model '{self.name}'")
 
     # -- eager evaluation -----------------------------------------------------

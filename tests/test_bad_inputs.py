@@ -373,3 +373,40 @@ def test_failed_run_leaves_state_unchanged():
         assert before.keys() == after.keys()
         for name in before:
             np.testing.assert_array_equal(before[name], after[name])
+
+
+def test_negative_moving_variance_is_refused_naming_layer_and_weight():
+    """At build, `assign` and `set_weights` (nothing assigned), never a NaN model."""
+    import warnings
+
+    bn = BN(name="bn_neg")
+    bn.build((None, 3))
+    good = bn.get_weights()
+    bad = [w.copy() for w in good]
+    bad[3][1] = -0.5  # gamma, beta, moving_mean, moving_variance
+    bad[0][:] = 7.0
+    with pytest.raises(ValueError, match=r"'bn_neg/moving_variance' must be >= 0.*entry \(1,\)"):
+        bn.set_weights(bad)
+    for before, after in zip(good, bn.get_weights()):
+        np.testing.assert_array_equal(before, after)  # nothing assigned
+    with pytest.raises(ValueError, match="'bn_neg/moving_variance' must be >= 0"):
+        bn.moving_variance.assign(np.array([1.0, -1e-3, 1.0]))
+    x = onnxbn.Input((3,), name="x")
+    model = onnxbn.Model(x, bn(x))
+    with pytest.raises(ValueError, match="'bn_neg/moving_variance'"):
+        model.set_weights(bad)
+    np.testing.assert_array_equal(model.get_weights()[0], good[0])
+    from onnxbn import initializers
+
+    with pytest.raises(ValueError, match="'bn_neg2/moving_variance' must be >= 0"):
+        BN(name="bn_neg2", moving_variance_initializer=initializers.Constant(-1.0)).build((2, 3))
+    renorm = BN(name="bn_neg3", renorm=True)
+    renorm.build((None, 3))
+    with pytest.raises(ValueError, match="'bn_neg3/moving_stddev' must be >= 0"):
+        renorm.moving_stddev.assign(-np.ones(3))
+    # Zero, NaN-free updates and training keep working without warnings.
+    bn.moving_variance.assign(np.zeros(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(np.ones((4, 3), np.float32), training=True)
+        model(np.ones((4, 3), np.float32), training=False)

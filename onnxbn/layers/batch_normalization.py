@@ -263,8 +263,19 @@ class BatchNormalization(Layer):
             )
             for name, initializer in initial.items():
                 setattr(self, name, self.add_weight(shape, initializer, name=name, trainable=False))
+        # A negative variance (or stddev) is an error at build/assign time, not a NaN model.
+        for name in ("moving_variance", "moving_stddev", "renorm_stddev"):
+            if getattr(self, name, None) is not None:
+                getattr(self, name).require_nonnegative()
         self.input_spec = InputSpec(ndim=ndim, axes={self.axis: channels})
         self.built = True
+
+    def set_weights(self, weights: list[Any]) -> None:
+        """`Layer.set_weights`; a negative variance is refused before anything is assigned."""
+        if isinstance(weights, (list, tuple)) and len(weights) == len(self.weights):
+            for variable, value in zip(self.weights, weights):
+                variable.check(value)
+        super().set_weights(weights)
 
     def compute_output_spec(
         self, inputs: SymbolicTensor, training: Any = None, mask: Any = None
