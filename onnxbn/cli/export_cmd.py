@@ -69,6 +69,12 @@ def build_model(config: Any, input_shape: str | None) -> onnxbn.Model:
     if not isinstance(config, dict):
         raise TypeError(f"The config must be a JSON object, received {type(config).__name__}.")
     if config.get("class_name") in ("Functional", "Model") or "layers" in config:
+        if input_shape is not None:
+            raise ValueError(
+                f"--input-shape {input_shape!r} applies to a single layer; a model config "
+                "declares its own input shapes (its InputLayers' batch_shape). Drop "
+                "--input-shape, or edit the InputLayer shapes in the config."
+            )
         return onnxbn.Model.from_config(config)
     if "class_name" in config:
         layer = layers.deserialize(config)
@@ -92,20 +98,30 @@ def build_model(config: Any, input_shape: str | None) -> onnxbn.Model:
 
 
 def load_weights(model: onnxbn.Model, path: str) -> None:
+    """Weights keyed by weight path (`bn/gamma`) or `arr_0, arr_1, ...` in Keras order.
+
+    Raises:
+        ValueError: naming the missing and the unexpected keys.
+    """
     arrays = load_npz(path)
-    variables = model.weights
-    paths = [v.path for v in variables]
-    if set(arrays) == set(paths):
-        model.set_weights([arrays[p] for p in paths])
-        return
-    positional = [f"arr_{i}" for i in range(len(arrays))]
-    if set(arrays) == set(positional):
-        model.set_weights([arrays[k] for k in positional])
-        return
-    raise ValueError(
-        f"Weights {sorted(arrays)} in {path!r} match neither the model's weight paths {paths} "
-        f"nor arr_0..arr_{len(paths) - 1} in Keras order."
-    )
+    paths = [v.path for v in model.weights]
+    positional = [f"arr_{i}" for i in range(len(paths))]
+    by_position = all(k.startswith("arr_") and k[4:].isdigit() for k in arrays) and bool(arrays)
+    expected = positional if by_position else paths
+    missing = [k for k in expected if k not in arrays]
+    unexpected = sorted(set(arrays) - set(expected))
+    if missing or unexpected:
+        form = "arr_0..arr_N in Keras order" if by_position else "weight paths"
+        details = []
+        if missing:
+            details.append(f"missing {missing}")
+        if unexpected:
+            details.append(f"not weights of the model {unexpected}")
+        raise ValueError(
+            f"Weights archive {path!r} (keyed by {form}): {'; '.join(details)}. The model's "
+            f"weights are {paths} (or arr_0..arr_{len(paths) - 1} in that order)."
+        )
+    model.set_weights([arrays[k] for k in expected])
 
 
 def run(args: argparse.Namespace) -> int:

@@ -17,11 +17,11 @@ def require_file(path: str, what: str = "Model file") -> Path:
     return file
 
 
-def load_model(path: str) -> onnx.ModelProto:
-    """Loads an ONNX model (without external data: engines resolve that safely)."""
+def load_model(path: str, external_data: bool = False) -> onnx.ModelProto:
+    """Loads an ONNX model (external data only when asked: engines resolve it safely)."""
     file = require_file(path)
     try:
-        return onnx.load(str(file), load_external_data=False)
+        return onnx.load(str(file), load_external_data=external_data)
     except Exception as error:  # protobuf raises its own DecodeError types
         raise ValueError(f"Model file {path!r} is not a valid ONNX model: {error}") from None
 

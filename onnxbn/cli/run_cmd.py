@@ -35,14 +35,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def make_session(engine: str, model: str):
+    """A session on `engine`; an error about the file names the file."""
     require_file(model)
     if engine == "reference":
-        from onnxbn import reference
-
-        return reference.Session(model)
-    from onnxbn import runtime
-
-    return runtime.Session(model)
+        from onnxbn.reference import Session
+    else:
+        from onnxbn.runtime import Session
+    try:
+        return Session(model)
+    except ValueError as error:
+        if model in str(error):
+            raise
+        raise ValueError(f"Model file {model!r}: {error}") from error
 
 
 def safe_name(name: str) -> str:
@@ -59,6 +63,12 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"Input {name!r} is given twice.")
         feeds[name] = load_array(file)
     session = make_session(args.engine, args.model)
+    if args.save_state and not session.state:
+        raise ValueError(
+            f"--save-state: model {args.model!r} has no state to save (it is not a training "
+            "export: no moving statistics are carried). Drop --save-state, or export with "
+            "--training."
+        )
     if args.state:
         session.state = load_npz(args.state)
     outputs = []
