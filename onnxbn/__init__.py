@@ -9,6 +9,7 @@ runtime.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -35,10 +36,12 @@ __all__ = sorted(_PUBLIC)
 
 
 def __getattr__(name: str) -> Any:
-    try:
+    if name in _PUBLIC:
         module_name, attribute = _PUBLIC[name]
-    except KeyError:
-        raise AttributeError(f"module 'onnxbn' has no attribute {name!r}") from None
+    elif not name.startswith("_") and importlib.util.find_spec(f"onnxbn.{name}") is not None:
+        module_name, attribute = f"onnxbn.{name}", None  # any submodule, as `import onnxbn.x`
+    else:
+        raise AttributeError(f"module 'onnxbn' has no attribute {name!r}")
     module = importlib.import_module(module_name)
     value = module if attribute is None else getattr(module, attribute)
     globals()[name] = value

@@ -15,9 +15,9 @@ from google.protobuf.message import DecodeError, EncodeError
 from onnx import helper
 
 import onnxbn.lowering  # noqa: F401 - registers every lowering rule
+from onnxbn.contract import INITIAL_STATE_KEY, STATE_SUFFIX, encode_initial_state
 from onnxbn.layers.input_layer import InputLayer
 from onnxbn.layers.layer import Layer
-from onnxbn.contract import INITIAL_STATE_KEY, STATE_SUFFIX, encode_initial_state
 from onnxbn.lowering.context import LoweringContext, Value, onnx_dtype
 from onnxbn.lowering.folding import fold_batchnorm_nodes
 from onnxbn.lowering.input_layer import declare_input, input_dims
@@ -294,7 +294,7 @@ def _set_output_shapes(model: onnx.ModelProto, outputs: list[SymbolicTensor]) ->
 
 
 def _set_metadata(model, nodes: list[Node], training: bool | None, ctx) -> None:
-    from onnxbn.layers.registry import serialize
+    from onnxbn.operation_registry import serialize
 
     entries = {"onnxbn:training": json.dumps(training)}
     state = [[slot.path, slot.path + STATE_SUFFIX] for slot in ctx.state.values()]

@@ -1,11 +1,14 @@
-"""Symbolic tensors: the shape/dtype placeholders a graph is built from."""
+"""Tensors: the symbolic placeholders a graph is built from, and concrete arrays from array-likes."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from onnxbn.dtypes import standardize_dtype
+from onnxbn.variable import Variable
 
 if TYPE_CHECKING:
     from onnxbn.operation import Operation
@@ -107,3 +110,22 @@ class SymbolicTensor:
 
     def __bool__(self) -> bool:
         raise TypeError(f"SymbolicTensor {self._name!r} has no truth value.")
+
+
+def to_array(value: Any, what: str) -> np.ndarray:
+    """NumPy array from an array-like; non-numeric data is a `TypeError`."""
+    if isinstance(value, Variable):
+        return value.value
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError) as error:
+        raise TypeError(
+            f"{what} must be a numeric array, received {type(value).__name__}: {error}"
+        ) from None
+    try:
+        standardize_dtype(array.dtype)
+    except TypeError:
+        raise TypeError(
+            f"{what} must be a numeric or bool array, received dtype {array.dtype}."
+        ) from None
+    return array

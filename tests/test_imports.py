@@ -80,6 +80,16 @@ def test_every_public_name_resolves(name):
     assert name in dir(onnxbn)
 
 
+def test_submodules_load_on_attribute_access():
+    modules = loaded_after("import onnxbn\nonnxbn.export.newest_opset()\nonnxbn.contract.STATE_SUFFIX")
+    assert {"onnxbn.export", "onnxbn.contract"} <= modules
+
+
+def test_importing_the_command_line_loads_no_benchmark_and_no_runtime():
+    modules = loaded_after("import onnxbn.cli.main")
+    assert not under(modules, RUNTIMES + ("onnxbn.cli.benchmark",))
+
+
 def test_unknown_name_is_an_attribute_error():
     with pytest.raises(AttributeError, match="no attribute 'BatchNorm'"):
         onnxbn.BatchNorm  # noqa: B018

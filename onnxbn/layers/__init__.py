@@ -12,7 +12,7 @@ from onnxbn.layers.global_average_pooling import GlobalAveragePooling1D, GlobalA
 from onnxbn.layers.input_layer import Input, InputLayer
 from onnxbn.layers.layer import Layer
 from onnxbn.layers.masking import Masking
-from onnxbn.layers.registry import deserialize, serialize
+from onnxbn.operation_registry import deserialize, serialize
 
 __all__ = ["BatchNormalization", "Input", "InputLayer", "Layer", "deserialize", "serialize"]
 __all__ += [

@@ -16,7 +16,7 @@ import numpy as np
 
 from onnxbn.dtypes import is_float, to_numpy_dtype
 from onnxbn.layers.layer import Layer
-from onnxbn.layers.registry import register_layer
+from onnxbn.operation_registry import register_layer
 from onnxbn.tensor import SymbolicTensor
 
 # Module strings Keras writes for a builtin activation serialized as a dict.

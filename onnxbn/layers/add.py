@@ -12,8 +12,8 @@ import numpy as np
 from onnxbn import ops
 from onnxbn.dtypes import to_numpy_dtype
 from onnxbn.layers.layer import Layer
-from onnxbn.layers.registry import register_layer
 from onnxbn.operation import is_symbolic_call
+from onnxbn.operation_registry import register_layer
 from onnxbn.tensor import SymbolicTensor
 
 

@@ -17,15 +17,11 @@ import numpy as np
 from onnxbn import constraints, initializers, regularizers
 from onnxbn.dtypes import to_numpy_dtype
 from onnxbn.layers import activation as activations
-from onnxbn.layers.dense import (
-    add_kernel_and_bias,
-    check_bool,
-    check_min_ndim,
-    reject_unsupported,
-)
+from onnxbn.layers.arguments import check_bool, check_min_ndim, reject_unsupported
+from onnxbn.layers.dense import add_kernel_and_bias
 from onnxbn.layers.input_spec import InputSpec
 from onnxbn.layers.layer import BASE_CONFIG_KEYS, Layer
-from onnxbn.layers.registry import register_layer
+from onnxbn.operation_registry import register_layer
 from onnxbn.tensor import SymbolicTensor
 
 

@@ -1,7 +1,7 @@
 """Dense: `activation(inputs @ kernel + bias)` on the last axis (Keras 3 semantics).
 
 How it becomes ONNX lives in `onnxbn/lowering/dense.py`. This module also
-holds two checks shared by the layers with kernels (Dense, Conv, Embedding).
+creates the kernel and bias that Dense and the convolutions share.
 """
 
 from __future__ import annotations
@@ -13,40 +13,11 @@ import numpy as np
 from onnxbn import constraints, initializers, regularizers
 from onnxbn.dtypes import to_numpy_dtype
 from onnxbn.layers import activation as activations
+from onnxbn.layers.arguments import check_bool, check_min_ndim, reject_unsupported
 from onnxbn.layers.input_spec import InputSpec
 from onnxbn.layers.layer import Layer
-from onnxbn.layers.registry import register_layer
+from onnxbn.operation_registry import register_layer
 from onnxbn.tensor import SymbolicTensor
-
-
-def check_min_ndim(layer: Layer, shape: tuple, min_ndim: int) -> None:
-    """Keras's `InputSpec(min_ndim=...)` check, with Keras's message."""
-    if len(shape) < min_ndim:
-        raise ValueError(
-            f'Input 0 of layer "{layer.name}" is incompatible with the layer: '
-            f"expected min_ndim={min_ndim}, found ndim={len(shape)}. "
-            f"Full shape received: {tuple(shape)}"
-        )
-
-
-def reject_unsupported(owner: str, **arguments: Any) -> None:
-    """Keras arguments onnxbn accepts only at their default (None).
-
-    Raises:
-        NotImplementedError: naming the layer, the argument and its value.
-    """
-    for name, value in arguments.items():
-        if value is not None:
-            raise NotImplementedError(
-                f"{owner}: argument `{name}` is not supported (only None), received "
-                f"{name}={value!r}."
-            )
-
-
-def check_bool(value: Any, name: str) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"Expected `{name}` to be a bool, received {name}={value!r}.")
-    return bool(value)
 
 
 def add_kernel_and_bias(layer: Any, kernel_shape: tuple[int, ...]) -> None:

@@ -11,9 +11,9 @@ import numpy as np
 
 from onnxbn import constraints, initializers, ops, regularizers
 from onnxbn.dtypes import to_numpy_dtype
-from onnxbn.layers.dense import check_bool, reject_unsupported
+from onnxbn.layers.arguments import check_bool, reject_unsupported
 from onnxbn.layers.layer import Layer, to_array
-from onnxbn.layers.registry import register_layer
+from onnxbn.operation_registry import register_layer
 from onnxbn.tensor import SymbolicTensor
 
 

@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 
 from onnxbn.dtypes import is_float
+from onnxbn.layers.arguments import check_min_ndim
 from onnxbn.layers.conv import standardize_data_format
-from onnxbn.layers.dense import check_min_ndim
 from onnxbn.layers.layer import Layer
-from onnxbn.layers.registry import register_layer
+from onnxbn.operation_registry import register_layer
 from onnxbn.tensor import SymbolicTensor
 
 

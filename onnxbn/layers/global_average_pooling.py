@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 
 from onnxbn.dtypes import to_numpy_dtype
+from onnxbn.layers.arguments import check_bool
 from onnxbn.layers.conv import standardize_data_format
-from onnxbn.layers.dense import check_bool
 from onnxbn.layers.input_spec import InputSpec
 from onnxbn.layers.layer import Layer, to_array
-from onnxbn.layers.registry import register_layer
+from onnxbn.operation_registry import register_layer
 from onnxbn.tensor import SymbolicTensor
 
 

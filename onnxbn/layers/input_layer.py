@@ -7,8 +7,8 @@ from typing import Any
 
 from onnxbn.dtypes import standardize_dtype
 from onnxbn.layers.layer import Layer
-from onnxbn.layers.registry import register_layer
 from onnxbn.node import Node
+from onnxbn.operation_registry import register_layer
 from onnxbn.tensor import SymbolicTensor, standardize_shape
 
 

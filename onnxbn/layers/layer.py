@@ -11,30 +11,11 @@ from onnxbn import constraints, initializers, regularizers
 from onnxbn.dtypes import DTypePolicy, is_float, standardize_dtype, to_numpy_dtype
 from onnxbn.layers.input_spec import InputSpec, assert_input_compatibility
 from onnxbn.operation import Operation, is_symbolic_call
-from onnxbn.tensor import SymbolicTensor
+from onnxbn.tensor import SymbolicTensor, to_array
 from onnxbn.tree import flatten
 from onnxbn.variable import Variable
 
 BASE_CONFIG_KEYS = ("name", "trainable", "dtype")
-
-
-def to_array(value: Any, what: str) -> np.ndarray:
-    """NumPy array from an array-like; non-numeric data is a `TypeError`."""
-    if isinstance(value, Variable):
-        return value.value
-    try:
-        array = np.asarray(value)
-    except (TypeError, ValueError) as error:
-        raise TypeError(
-            f"{what} must be a numeric array, received {type(value).__name__}: {error}"
-        ) from None
-    try:
-        standardize_dtype(array.dtype)
-    except TypeError:
-        raise TypeError(
-            f"{what} must be a numeric or bool array, received dtype {array.dtype}."
-        ) from None
-    return array
 
 
 def assign_weights(variables: list[Variable], weights: Any, owner: str) -> None:

@@ -16,10 +16,9 @@ from typing import Any as AnyType
 
 import numpy as np
 
-from onnxbn.layers.layer import to_array
-from onnxbn.layers.registry import register_layer
 from onnxbn.operation import Operation, is_symbolic_call
-from onnxbn.tensor import SymbolicTensor
+from onnxbn.operation_registry import register_layer
+from onnxbn.tensor import SymbolicTensor, to_array
 
 MODULE = "keras.src.ops.numpy"
 

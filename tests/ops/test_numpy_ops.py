@@ -10,7 +10,7 @@ import pytest
 
 import onnxbn
 from onnxbn import layers, ops
-from onnxbn.layers.registry import lookup_class
+from onnxbn.operation_registry import lookup_class
 
 
 @pytest.mark.parametrize(

@@ -98,8 +98,8 @@ def test_attribute_defaults_match_schema(op_type: str, since: int) -> None:
         ("BatchNormalization", 9, 9),
         ("BatchNormalization", 13, 9),
         ("BatchNormalization", 14, 14),
-        ("BatchNormalization", 15, 15),
-        ("BatchNormalization", 22, 15),
+        ("BatchNormalization", 15, 14),
+        ("BatchNormalization", 22, 14),
         ("Squeeze", 11, 1),
         ("Squeeze", 13, 13),
         ("Split", 17, 13),
@@ -113,7 +113,7 @@ def test_select_picks_newest_kernel_not_above_opset(op_type: str, opset: int, ex
 @pytest.mark.parametrize(
     "op_type, opset, fragments",
     [
-        ("BatchNormalization", 7, ["BatchNormalization", "opset 7", "[9, 14, 15]"]),
+        ("BatchNormalization", 7, ["BatchNormalization", "opset 7", "[9, 14]"]),
         ("Mod", 13, ["'Mod'", "opset 13"]),
     ],
 )
@@ -140,5 +140,5 @@ def test_supported_ops_covers_the_required_list() -> None:
     ).split()
     ops = supported_ops()
     assert set(required) <= set(ops), set(required) - set(ops)
-    assert ops["BatchNormalization"] == [9, 14, 15]
+    assert ops["BatchNormalization"] == [9, 14]
     assert kernels.supported_ops is supported_ops

@@ -1,4 +1,4 @@
-"""BatchNormalization at since-versions 9, 14 and 15.
+"""BatchNormalization at since-versions 9 and 14 (the 14 kernel serves opset 15 on).
 
 Channel axis 1 (X is N x C x D1 ... Dn). Inference normalizes with the given
 `input_mean` / `input_var`; training uses the batch statistics (mean and
@@ -13,7 +13,8 @@ biased variance over every axis but 1) and returns the running statistics
   (`onnx.reference` uses batch statistics for both forms, onnx issue 5799.)
 - opset 14+: the `training_mode` attribute selects the form; training returns
   Y, running mean and running var.
-- opset 15 only widens the types: scale/B and mean/var may differ from X's.
+- opset 15 only widens the types (scale/B and mean/var may differ from X's), so
+  it has no kernel of its own (`kernels/table.py`): the 14 kernel takes any mix.
 
 Batch statistics accumulate in float64; normalization of float16/bfloat16 is
 computed in float32. Y is cast to X's type, running statistics to the type of
@@ -190,27 +191,3 @@ def batch_normalization_14(
     if not training_mode:
         return (_inference(X, scale, B, input_mean, input_var, epsilon),)
     return _training(X, scale, B, input_mean, input_var, epsilon, momentum)[:3]
-
-
-@kernel("BatchNormalization", 15)
-def batch_normalization_15(
-    X: np.ndarray,
-    scale: np.ndarray,
-    B: np.ndarray,
-    input_mean: np.ndarray,
-    input_var: np.ndarray,
-    *,
-    epsilon: float = 1e-5,
-    momentum: float = 0.9,
-    training_mode: int = 0,
-) -> tuple[np.ndarray, ...]:
-    return batch_normalization_14(
-        X,
-        scale,
-        B,
-        input_mean,
-        input_var,
-        epsilon=epsilon,
-        momentum=momentum,
-        training_mode=training_mode,
-    )
