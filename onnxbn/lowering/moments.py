@@ -162,29 +162,7 @@ def _sums_channel_last(ctx: LoweringContext, x: Value, valid: Value | None):
         head = ctx.op("Slice", [x2, emit.ints(ctx, [0], "start"), end, axis0], label="head")
         shift = _head_mean(ctx, head, rows, channels, end)
     else:
-        flat = emit.reshape(ctx, valid, [rows], "valid_rows")
-        weights = emit.cast(ctx, flat, dtype, label="weights")
-        n = _count_of(ctx, weights, "count")
-        # SHIFT_SAMPLES rows from the first valid one; an extra 1 keeps ArgMax
-        # defined on an empty batch (the slice is then empty and the shift 0).
-        marks = ctx.op(
-            "Concat",
-            [emit.cast(ctx, flat, "int32"), ctx.constant(np.ones(1, np.int32), "sentinel")],
-            label="marks",
-            axis=0,
-        )
-        start = ctx.op(
-            "ArgMax",
-            [marks],
-            dtype="int64",
-            label="first_valid",
-            axis=0,
-            keepdims=1,
-            select_last_index=0,
-        )
-        some, index = _valid_row_index(ctx, flat, start, row_count)
-        total, taken = _masked_head_sums(ctx, x2, weights, some, index, start, rows, row_count)
-        shift = _safe_mean(ctx, total, taken)
+        n, shift, rows_taken = _masked_rows_shift(ctx, x2, valid, rows, row_count)
     d2 = _shifted_rows(ctx, x, x2, shift)
     d = d2 if x.rank == 2 else emit.reshape_like(ctx, d2, x, "shifted")
     if valid is None:
@@ -193,8 +171,38 @@ def _sums_channel_last(ctx: LoweringContext, x: Value, valid: Value | None):
         s1 = ctx.op("MatMul", [ones, d2], label="sum", shape=(channels,))
         s2 = ctx.op("MatMul", [ones, squares], label="sum_sq", shape=(channels,))
     else:
-        s1, s2 = _gathered_row_sums(ctx, d2, weights, some, index)
+        s1, s2 = _gathered_row_sums(ctx, d2, *rows_taken)
     return d, shift, s1, s2, n
+
+
+def _masked_rows_shift(ctx, x2: Value, valid: Value, rows: int | None, row_count: Value):
+    """Channel last, masked: `(count, shift, (weights, some, index))` of the `(M, C)` view.
+
+    The shift is the mean of SHIFT_SAMPLES valid rows from the first valid one.
+    """
+    flat = emit.reshape(ctx, valid, [rows], "valid_rows")
+    weights = emit.cast(ctx, flat, x2.dtype, label="weights")
+    n = _count_of(ctx, weights, "count")
+    # An extra 1 keeps ArgMax defined on an empty batch (the slice is then
+    # empty and the shift 0).
+    marks = ctx.op(
+        "Concat",
+        [emit.cast(ctx, flat, "int32"), ctx.constant(np.ones(1, np.int32), "sentinel")],
+        label="marks",
+        axis=0,
+    )
+    start = ctx.op(
+        "ArgMax",
+        [marks],
+        dtype="int64",
+        label="first_valid",
+        axis=0,
+        keepdims=1,
+        select_last_index=0,
+    )
+    some, index = _valid_row_index(ctx, flat, start, row_count)
+    total, taken = _masked_head_sums(ctx, x2, weights, some, index, start, rows, row_count)
+    return n, _safe_mean(ctx, total, taken), (weights, some, index)
 
 
 def _count_of(ctx, weights: Value, label: str) -> Value:
@@ -352,60 +360,69 @@ def _gathered_row_sums(
 
 def _sums_channel_inner(ctx: LoweringContext, x: Value, axis: int, valid: Value | None):
     """Channel before the last axis: ReduceSum(Square) over the other axes."""
-    dtype, last = x.dtype, x.rank - 1
-    axes = [a for a in range(x.rank) if a != axis]
     if valid is not None:
-        # A Gather of one valid row per channel; with a dynamic dim after the
-        # channel, the masked mean of x[..., 0:1] instead (a strided read).
-        shift = _first_valid_row_mean(ctx, x, axis, valid)
-        valid = ctx.op(
-            "Unsqueeze", [valid, emit.ints(ctx, [-1], "axes")], dtype="bool", label="valid_e"
-        )
-        taken = emit.reduce(ctx, "ReduceSum", emit.cast(ctx, valid, dtype), axes, keepdims=True)
-        if shift is None:
-            # The mask is constant along the last axis, so its first slice holds a
-            # valid element of every channel that has one.
-            end = _clamped_ends(
-                ctx, [1], [x.shape[last]], emit.shape_of(ctx, x, last, last + 1)
-            )
-            head = ctx.op(
-                "Slice", [x, emit.ints(ctx, [0], "start"), end, emit.ints(ctx, [last], "axes")],
-                label="head",
-            )
-            total = emit.reduce(
-                ctx, "ReduceSum", _zeroed(ctx, valid, head, "head", x.rank), axes, keepdims=True
-            )
-            shift = _safe_mean(ctx, total, taken)
-        width = x.shape[last]
-        if width is None:
-            width_v = emit.cast(ctx, emit.shape_of(ctx, x, last, last + 1), dtype)
-        else:
-            width_v = emit.scalar(ctx, float(width), dtype, "width")
-        n = _flat(ctx, ctx.op("Mul", [taken, width_v], label="count"), x.shape[axis])
+        valid, shift, n = _masked_inner_shift(ctx, x, axis, valid)
     else:
-        n = emit.count(ctx, x, axes, dtype)
-        # The first SHIFT_SAMPLES elements of the last axis, at index 0 of the others.
-        k = len(axes)
-        dims = [x.shape[a] for a in axes]
-        dims_value = None
-        if any(d is None for d in dims):
-            dims_value = ctx.op(
-                "Gather", [emit.shape_of(ctx, x), emit.ints(ctx, axes, "axes")], axis=0
-            )
-        end = _clamped_ends(ctx, [1] * (k - 1) + [SHIFT_SAMPLES], dims, dims_value)
-        head = ctx.op(
-            "Slice", [x, emit.ints(ctx, [0] * k, "start"), end, emit.ints(ctx, axes, "axes")],
-            label="head",
-        )
-        # A sum over a safe count, not ReduceMean: an empty batch's shift is 0.
-        total = emit.reduce(ctx, "ReduceSum", head, axes, keepdims=True, label="head_total")
-        size = emit.cast(ctx, ctx.op("Size", [head], dtype="int64", shape=()), dtype)
-        per_channel = ctx.op("Div", [size, emit.scalar(ctx, float(x.shape[axis]), dtype, "c")])
-        shift = _safe_mean(ctx, total, per_channel)
+        shift, n = _inner_shift(ctx, x, axis)
     d = ctx.op("Sub", [x, shift], label="shifted", shape=x.shape)
     s1 = _inner_sum(ctx, "ReduceSum", d, axis, valid, "sum")
     s2 = _inner_sum(ctx, "ReduceSumSquare", d, axis, valid, "sum_sq")
     return d, shift, s1, s2, n
+
+
+def _masked_inner_shift(ctx, x: Value, axis: int, valid: Value) -> tuple[Value, Value, Value]:
+    """Channel not last, masked: `(mask expanded at the last axis, shift, count)`."""
+    dtype, last = x.dtype, x.rank - 1
+    axes = [a for a in range(x.rank) if a != axis]
+    # A Gather of one valid row per channel; with a dynamic dim after the
+    # channel, the masked mean of x[..., 0:1] instead (a strided read).
+    shift = _first_valid_row_mean(ctx, x, axis, valid)
+    valid = ctx.op(
+        "Unsqueeze", [valid, emit.ints(ctx, [-1], "axes")], dtype="bool", label="valid_e"
+    )
+    taken = emit.reduce(ctx, "ReduceSum", emit.cast(ctx, valid, dtype), axes, keepdims=True)
+    if shift is None:
+        # The mask is constant along the last axis, so its first slice holds a
+        # valid element of every channel that has one.
+        end = _clamped_ends(ctx, [1], [x.shape[last]], emit.shape_of(ctx, x, last, last + 1))
+        head = ctx.op(
+            "Slice", [x, emit.ints(ctx, [0], "start"), end, emit.ints(ctx, [last], "axes")],
+            label="head",
+        )
+        total = emit.reduce(
+            ctx, "ReduceSum", _zeroed(ctx, valid, head, "head", x.rank), axes, keepdims=True
+        )
+        shift = _safe_mean(ctx, total, taken)
+    width = x.shape[last]
+    if width is None:
+        width_v = emit.cast(ctx, emit.shape_of(ctx, x, last, last + 1), dtype)
+    else:
+        width_v = emit.scalar(ctx, float(width), dtype, "width")
+    n = _flat(ctx, ctx.op("Mul", [taken, width_v], label="count"), x.shape[axis])
+    return valid, shift, n
+
+
+def _inner_shift(ctx, x: Value, axis: int) -> tuple[Value, Value]:
+    """Channel not last, unmasked: `(shift, count)`; the shift is the mean of the
+    first SHIFT_SAMPLES elements of the last axis, at index 0 of the others."""
+    dtype = x.dtype
+    axes = [a for a in range(x.rank) if a != axis]
+    n = emit.count(ctx, x, axes, dtype)
+    k = len(axes)
+    dims = [x.shape[a] for a in axes]
+    dims_value = None
+    if any(d is None for d in dims):
+        dims_value = ctx.op("Gather", [emit.shape_of(ctx, x), emit.ints(ctx, axes, "axes")], axis=0)
+    end = _clamped_ends(ctx, [1] * (k - 1) + [SHIFT_SAMPLES], dims, dims_value)
+    head = ctx.op(
+        "Slice", [x, emit.ints(ctx, [0] * k, "start"), end, emit.ints(ctx, axes, "axes")],
+        label="head",
+    )
+    # A sum over a safe count, not ReduceMean: an empty batch's shift is 0.
+    total = emit.reduce(ctx, "ReduceSum", head, axes, keepdims=True, label="head_total")
+    size = emit.cast(ctx, ctx.op("Size", [head], dtype="int64", shape=()), dtype)
+    per_channel = ctx.op("Div", [size, emit.scalar(ctx, float(x.shape[axis]), dtype, "c")])
+    return _safe_mean(ctx, total, per_channel), n
 
 
 def _first_valid_row_mean(ctx, x: Value, axis: int, valid: Value) -> Value | None:
@@ -424,6 +441,13 @@ def _first_valid_row_mean(ctx, x: Value, axis: int, valid: Value) -> Value | Non
     inner = emit.static_product(x.shape[axis + 1 : -1])
     if not inner or not width:
         return None
+    some, row = _first_valid_rows(ctx, valid, channels, before, inner)
+    return _row_head_mean(ctx, x, axis, some, row)
+
+
+def _first_valid_rows(ctx, valid: Value, channels: int, before: int | None, inner: int):
+    """`(some, row)`: per channel, whether any position is valid, and the index of
+    its first valid row in the `(B * C * A, W)` view (none on an empty batch)."""
     mask3 = emit.reshape(ctx, valid, [before, channels, inner], "valid_blocks")
     marks = emit.cast(ctx, mask3, "int32", label="marks")
     first_a = ctx.op("ArgMax", [marks], dtype="int64", label="first_a", axis=2, keepdims=1)
@@ -465,6 +489,12 @@ def _first_valid_row_mean(ctx, x: Value, axis: int, valid: Value) -> Value | Non
         [emit.reshape(ctx, row, [channels], "row"), emit.ints(ctx, [0], "start"), taken_rows],
         label="row",
     )
+    return some, row
+
+
+def _row_head_mean(ctx, x: Value, axis: int, some: Value, row: Value) -> Value:
+    """The mean of up to SHIFT_SAMPLES elements of each channel's `row`; 0 where none."""
+    channels, width = x.shape[axis], x.shape[-1]
     rows_view = emit.reshape(ctx, x, [None, width], "rows")
     head = ctx.op("Gather", [rows_view, row], axis=0, label="head")
     if width > SHIFT_SAMPLES:
