@@ -6,15 +6,24 @@ import numpy as np
 
 KERAS_EPSILON = 1e-7  # Keras's backend.epsilon(), used by masked moments
 
-# Per-dtype tolerances (rtol, atol) of a layer output against the float64 oracle.
-# float32/float64 outputs are computed in float64 and rounded once; half types
-# add their own rounding of the output (2^-11 for float16, 2^-8 for bfloat16).
-TOLERANCES = {
-    "float64": (1e-10, 1e-10),
-    "float32": (2e-6, 2e-6),
-    "float16": (2e-3, 2e-3),
-    "bfloat16": (1.6e-2, 1.6e-2),
+# The one tolerance table: (rtol, atol) of a result against this module's float64
+# oracle, by the dtype the result is delivered in.
+# - "layer": the eager layers compute in float64 and round once to the delivered
+#   dtype (half types also round their float32 compute: 2^-11 for float16, 2^-8
+#   for bfloat16);
+# - "graph": an exported graph on a runtime computes in float32 (a few ulps at
+#   the output's scale, which reaches ~1e1), plus one rounding to a half type.
+# Every engine of a cross-engine test (eager, onnxbn.reference, onnxruntime, the
+# runtimes of the portability matrix) is held to the "graph" column; a runtime's
+# documented exception is stated where it applies (test_portability.py).
+TOLERANCE_TABLE = {  # dtype: (layer, graph)
+    "float64": ((1e-10, 1e-10), (1e-9, 1e-9)),
+    "float32": ((2e-6, 2e-6), (2e-5, 2e-5)),
+    "float16": ((2e-3, 2e-3), (4e-3, 4e-3)),
+    "bfloat16": ((1.6e-2, 1.6e-2), (3.2e-2, 3.2e-2)),
 }
+TOLERANCES = {dtype: layer for dtype, (layer, _) in TOLERANCE_TABLE.items()}
+GRAPH_TOLERANCES = {dtype: graph for dtype, (_, graph) in TOLERANCE_TABLE.items()}
 
 
 def bn_oracle(

@@ -27,23 +27,23 @@ from tests.lowering.test_batch_normalization import (
     PAIRWISE,
     SEED,
     SHAPES,
-    _np,
     build,
+    expected_steps,
     resolve_axis,
     sample,
 )
-from tests.oracle import TOLERANCES, bn_oracle
+from tests.oracle import GRAPH_TOLERANCES, bn_oracle
 
 MODELS = Path(__file__).parents[2] / "models"
 STEPS = 3
-# OpenVINO's CPU plugin has no float64 kernels: it computes a float64 graph in
-# float32 (inputs and outputs stay float64), so float64 is held to float32's bound.
+# The stated exception to tests/oracle.py's one table: OpenVINO's CPU plugin has no
+# float64 kernels: it computes a float64 graph in float32 (inputs and outputs stay
+# float64), so float64 is held to float32's bound.
 RUNTIME_TOLERANCES = {"openvino": {"float64": (2e-5, 2e-5)}}
 
 
 def close(runtime, actual, expected, dtype, what):
-    base = {**TOLERANCES, "float32": (2e-5, 2e-5), "float64": (1e-9, 1e-9)}
-    rtol, atol = RUNTIME_TOLERANCES.get(runtime, {}).get(dtype, base[dtype])
+    rtol, atol = RUNTIME_TOLERANCES.get(runtime, {}).get(dtype, GRAPH_TOLERANCES[dtype])
     np.testing.assert_allclose(
         np.asarray(actual).astype(np.float64), np.asarray(expected, np.float64),
         rtol=rtol, atol=atol, equal_nan=True, err_msg=what,
@@ -54,35 +54,6 @@ def skip_unrepresentable(runtime, *dtypes):
     reason = runtimes.skip_reason(runtime, set(dtypes))
     if reason is not None:
         pytest.skip(f"{runtime}: {reason}")
-
-
-def seen(x, compute_dtype):
-    """What the layer computes on (float inputs autocast to the compute dtype, as Keras)."""
-    x = np.asarray(x)
-    if x.dtype.kind == "f" or x.dtype.name == "bfloat16":
-        x = x.astype(_np(compute_dtype))
-    return x.astype(np.float64)
-
-
-def expected_steps(bn, feeds_per_step, *, axis, updates, masked):
-    """Oracle outputs and state per step, the state carried in float64 rounded as stored."""
-    mean = np.asarray(bn.moving_mean.value, np.float64)
-    var = np.asarray(bn.moving_variance.value, np.float64)
-    stored = np.dtype(_np(bn.variable_dtype))
-    steps = []
-    for feeds in feeds_per_step:
-        mask = feeds.get("mask") if masked else None
-        y, new_mean, new_var = bn_oracle(
-            seen(feeds["x"], bn.compute_dtype), axis=axis,
-            gamma=None if bn.gamma is None else bn.gamma.value,
-            beta=None if bn.beta is None else bn.beta.value,
-            moving_mean=mean, moving_variance=var, momentum=bn.momentum,
-            epsilon=bn.epsilon, training=updates, mask=mask,
-        )  # fmt: skip
-        mean = new_mean.astype(stored).astype(np.float64)
-        var = new_var.astype(stored).astype(np.float64)
-        steps.append((y, {"bn/moving_mean": mean, "bn/moving_variance": var}))
-    return steps
 
 
 @pytest.mark.parametrize("runtime", runtimes.RUNTIMES)

@@ -26,20 +26,11 @@ import onnxbn
 from onnxbn import layers
 from onnxbn.export import DEFAULT_OPSET, MIN_OPSET, export_onnx, newest_opset
 from onnxbn.runtime import Session
-from tests.oracle import bn_oracle
+from tests.oracle import GRAPH_TOLERANCES, bn_oracle
 
 SEED = 20240611
 FULL = os.environ.get("ONNXBN_FULL") == "1"
 
-# (rtol, atol) of a result against float64, by the dtype it is delivered in:
-# float32 math in onnxruntime (a few ulps of the output's scale, which reaches
-# ~1e1), plus one rounding to the delivered half type.
-TOLERANCES = {
-    "float64": (1e-9, 1e-9),
-    "float32": (2e-5, 2e-5),
-    "float16": (4e-3, 4e-3),
-    "bfloat16": (3.2e-2, 3.2e-2),
-}
 HALF = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 SHAPES = {2: (6, 5), 3: (3, 4, 5), 4: (2, 3, 4, 5), 5: (2, 3, 2, 3, 4)}
 AXES = {"first": 0, "middle": None, "last": -1, "negative": -2}
@@ -60,7 +51,7 @@ def oracle(x, *, axis, gamma, beta, mean, var, momentum, epsilon, training, mask
 
 
 def assert_close(actual, expected, dtype, what):
-    rtol, atol = TOLERANCES[dtype]
+    rtol, atol = GRAPH_TOLERANCES[dtype]
     actual = np.asarray(actual).astype(np.float64)
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, equal_nan=True, err_msg=what)
 
@@ -124,6 +115,38 @@ def sample(shape, axis, dtype, rng, *, masked=False, mask_dtype="bool", loc=None
 
 def _np(dtype):
     return HALF.get(dtype, dtype)
+
+
+def seen(x, compute_dtype):
+    """What the layer computes on (float inputs autocast to the compute dtype, as Keras)."""
+    x = np.asarray(x)
+    if x.dtype.kind == "f" or x.dtype.name == "bfloat16":
+        x = x.astype(_np(compute_dtype))
+    return x.astype(np.float64)
+
+
+def expected_steps(bn, feeds_per_step, *, axis, updates, masked, epsilon=None):
+    """Oracle outputs and state per step, the state carried in float64 rounded as stored.
+
+    `epsilon` overrides the layer's (e.g. as a graph's float32 attribute holds it).
+    """
+    mean = np.asarray(bn.moving_mean.value, np.float64)
+    var = np.asarray(bn.moving_variance.value, np.float64)
+    stored = np.dtype(_np(bn.variable_dtype))
+    steps = []
+    for feeds in feeds_per_step:
+        mask = feeds.get("mask") if masked else None
+        y, new_mean, new_var = bn_oracle(
+            seen(feeds["x"], bn.compute_dtype), axis=axis,
+            gamma=None if bn.gamma is None else bn.gamma.value,
+            beta=None if bn.beta is None else bn.beta.value,
+            moving_mean=mean, moving_variance=var, momentum=bn.momentum,
+            epsilon=bn.epsilon if epsilon is None else epsilon, training=updates, mask=mask,
+        )  # fmt: skip
+        mean = new_mean.astype(stored).astype(np.float64)
+        var = new_var.astype(stored).astype(np.float64)
+        steps.append((y, {"bn/moving_mean": mean, "bn/moving_variance": var}))
+    return steps
 
 
 def eager(model, layer, feeds, training):

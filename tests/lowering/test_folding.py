@@ -24,13 +24,13 @@ from onnxbn import layers
 from onnxbn.export import export_onnx
 from onnxbn.lowering.folding import FoldedNode, fold_batchnorm_nodes, foldable_pairs, folded_layer
 from onnxbn.runtime import Session
+from tests.oracle import GRAPH_TOLERANCES
 
 SEED = 7
 WIRED = hasattr(export_module, "fold_batchnorm_nodes")
 needs_wiring = pytest.mark.xfail(
     not WIRED, strict=True, reason="export.py does not call folding.fold_batchnorm_nodes yet"
 )
-TOLERANCES = {"float32": (2e-5, 2e-5), "float16": (4e-3, 4e-3), "float64": (1e-10, 1e-10)}
 # What an inference BatchNormalization lowers to when it is kept.
 BN_OPS = {"BatchNormalization", "Mul"}
 
@@ -197,7 +197,7 @@ def test_folded_layer_equals_the_pair_eagerly(name):
     x = feeds["x"]
     want = bn(producer(x), training=False).astype(np.float64)
     got = clone(x).astype(np.float64)
-    rtol, atol = TOLERANCES[bn.compute_dtype]
+    rtol, atol = GRAPH_TOLERANCES[bn.compute_dtype]
     np.testing.assert_allclose(got, want, rtol=rtol, atol=atol)
     np.testing.assert_array_equal(producer.kernel.numpy(), kernel_before)  # untouched
     assert clone.kernel.dtype == "float64" and clone.name == producer.name
@@ -245,7 +245,7 @@ def test_export_folds(name):
     assert [o.name for o in folded.graph.output] == [o.name for o in kept.graph.output]
     eager = model(feeds, training=training)
     dtype = model.get_layer("bn").compute_dtype
-    rtol, atol = TOLERANCES[dtype]
+    rtol, atol = GRAPH_TOLERANCES[dtype]
     a, b = Session(folded).run(feeds)[0], Session(kept).run(feeds)[0]
     for got in (a, b):
         np.testing.assert_allclose(

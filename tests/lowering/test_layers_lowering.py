@@ -27,16 +27,9 @@ from onnxbn import reference as ref
 from onnxbn.dtypes import to_numpy_dtype
 from onnxbn.export import DEFAULT_OPSET, MIN_OPSET, export_onnx, newest_opset
 from onnxbn.runtime import Session
+from tests.oracle import GRAPH_TOLERANCES
 
 SEED = 20240917
-# (rtol, atol) against the eager layer (float64 math rounded once), by delivered dtype:
-# float32 math plus a rounding of the half types (one ulp either side of the eager one).
-TOLERANCES = {
-    "float64": (1e-10, 1e-10),
-    "float32": (1e-5, 1e-5),
-    "float16": (4e-3, 4e-3),
-    "bfloat16": (3.2e-2, 3.2e-2),
-}
 POLICIES = ("float32", "mixed_float16", "float64")
 ALL_POLICIES = ("float32", "float16", "mixed_float16", "bfloat16", "float64")
 
@@ -347,7 +340,7 @@ def assert_matches(results: list, eager: list, what: str) -> None:
             np.testing.assert_array_equal(got, want, err_msg=what)
             continue
         name = "bfloat16" if want.dtype == ml_dtypes.bfloat16 else want.dtype.name
-        rtol, atol = TOLERANCES[name]
+        rtol, atol = GRAPH_TOLERANCES[name]
         np.testing.assert_allclose(
             got.astype(np.float64), want.astype(np.float64), rtol=rtol, atol=atol, err_msg=what
         )

@@ -18,7 +18,7 @@ import onnxbn
 from onnxbn import layers
 from onnxbn.export import export_onnx
 from tests import runtimes
-from tests.oracle import TOLERANCES, renorm_oracle
+from tests.oracle import GRAPH_TOLERANCES, renorm_oracle
 
 STATES = ("moving_mean", "moving_variance", "moving_stddev", "renorm_mean", "renorm_stddev")
 STEPS = 3
@@ -102,7 +102,7 @@ def expected_steps(bn, feeds_per_step):
 
 
 def close(actual, expected, dtype, what):
-    rtol, atol = {**TOLERANCES, "float32": (2e-5, 2e-5), "float64": (1e-9, 1e-9)}[dtype]
+    rtol, atol = GRAPH_TOLERANCES[dtype]
     np.testing.assert_allclose(
         np.asarray(actual, np.float64), expected, rtol=rtol, atol=atol, equal_nan=True,
         err_msg=what,
