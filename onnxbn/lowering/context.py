@@ -27,6 +27,18 @@ def onnx_dtype(dtype: str) -> int:
     return helper.np_dtype_to_tensor_dtype(to_numpy_dtype(dtype))
 
 
+def state_doc(path: str, kind: str) -> str:
+    """The doc_string of a state input or output: viewers such as Netron show only the
+    last `/` part of a name (every state output reads `new`), and show this text."""
+    layer, _, weight = path.rpartition("/")
+    if kind == "input":
+        return (
+            f"{weight} of layer {layer!r}, current value: feed the starting value "
+            f"(metadata onnxbn:initial_state), then each run's {path}{STATE_SUFFIX}."
+        )
+    return f"{weight} of layer {layer!r} after this run: feed it back as input {path!r}."
+
+
 @dataclass(frozen=True)
 class Value:
     """A tensor of the graph under construction.
@@ -161,11 +173,14 @@ class LoweringContext:
         names = ["" if v is None else (v if isinstance(v, str) else v.name) for v in inputs]
         out_names = [self.fresh(label or op_type)]
         out_names += [self.fresh(f"{label or op_type}_out{i}") for i in range(1, outputs)]
+        # A node is named after what it computes, its first output (`bn/batch_mean`):
+        # node and tensor names are separate namespaces in ONNX, and output names are
+        # unique, so node names are too. Renaming the output later keeps this name.
         node = helper.make_node(
             op_type,
             names,
             out_names,
-            name=self.fresh(f"{op_type}:node"),
+            name=out_names[0],
             **self._with_defaults(op_type, attributes),
         )
         self.nodes.append(node)
@@ -232,9 +247,9 @@ class LoweringContext:
             data = np.asarray(value).astype(to_numpy_dtype(dtype))
             self.reserve(path)
             self.reserve(path + STATE_SUFFIX)
-            self.inputs.append(
-                helper.make_tensor_value_info(path, onnx_dtype(dtype), list(data.shape))
-            )
+            info = helper.make_tensor_value_info(path, onnx_dtype(dtype), list(data.shape))
+            info.doc_string = state_doc(path, "input")
+            self.inputs.append(info)
             slot = StateSlot(path, dtype, tuple(data.shape), Value(path, dtype, data.shape), data)
             self.state[path] = slot
         return slot.current
@@ -284,19 +299,15 @@ class LoweringContext:
         for slot in self.state.values():
             target = slot.path + STATE_SUFFIX
             if slot.current.name == slot.path:
-                self.nodes.append(
-                    helper.make_node(
-                        "Identity",
-                        [slot.path],
-                        [target],
-                        name=self.fresh(f"{slot.path}/Identity:node"),
-                    )
-                )
+                self.nodes.append(helper.make_node("Identity", [slot.path], [target], name=target))
             else:
                 self.rename(slot.current.name, target)
-            outputs.append(
-                helper.make_tensor_value_info(target, onnx_dtype(slot.dtype), list(slot.shape))
-            )
+                for node in self.nodes:  # `bn/moving_mean/new`, not the rule's `bn/new`
+                    if target in node.output:
+                        node.name = target
+            info = helper.make_tensor_value_info(target, onnx_dtype(slot.dtype), list(slot.shape))
+            info.doc_string = state_doc(slot.path, "output")
+            outputs.append(info)
         return outputs
 
     # -- rewriting --------------------------------------------------------------
