@@ -159,8 +159,13 @@ def _sums_channel_last(ctx: LoweringContext, x: Value, valid: Value | None):
     if valid is None:
         n = emit.cast(ctx, row_count, dtype, label="count")
         end = _clamped_ends(ctx, [SHIFT_SAMPLES], [rows], row_count)
-        head = ctx.op("Slice", [x2, emit.ints(ctx, [0], "start"), end, axis0], label="head")
-        shift = _head_mean(ctx, head, rows, channels, end)
+        if rows is None:
+            samples = ctx.constant(np.arange(SHIFT_SAMPLES), "window", "int64")
+            window = ctx.op("Slice", [samples, emit.ints(ctx, [0], "start"), end, axis0])
+            head = ctx.op("Gather", [x2, window], axis=0, label="head")
+        else:
+            head = ctx.op("Slice", [x2, emit.ints(ctx, [0], "start"), end, axis0], label="head")
+        shift = _head_mean(ctx, head, rows, channels)
     else:
         n, shift, rows_taken = _masked_rows_shift(ctx, x2, valid, rows, row_count)
     d2 = _shifted_rows(ctx, x, x2, shift)
@@ -287,18 +292,25 @@ def _shifted_rows(ctx, x: Value, x2: Value, shift: Value) -> Value:
     return emit.reshape(ctx, d, list(x2.shape), "shifted_rows")
 
 
-def _head_mean(ctx, head: Value, rows: int | None, channels: int, end: Value) -> Value:
+def _head_mean(ctx, head: Value, rows: int | None, channels: int) -> Value:
     """Per-column mean of the leading rows `head` (`(k, C)`, k = min(rows, SHIFT_SAMPLES)).
 
     With a static row count, a MatMul by a `1/k` vector: onnxruntime's
     ReduceMean over the leading axis is about twice as slow. With a dynamic
-    one, a sum divided by `max(k, 1)` (`end` holds k): an empty batch gives a
-    shift of 0 on every runtime, where ReduceMean of an empty set is undefined
-    (synchronized layers still publish the moments of an empty replica).
+    one, a sum divided by `max(k, 1)`: an empty batch gives a shift of 0 on
+    every runtime, where ReduceMean of an empty set is undefined (synchronized
+    layers still publish the moments of an empty replica). k is counted from
+    the head's data (a Where of ones shaped like it): a k derived from the
+    symbolic row count (`end`) makes tract's analysis of chained layers take
+    minutes.
     """
     if rows is None:
         total = emit.reduce(ctx, "ReduceSum", head, [0], keepdims=False, shape=(channels,))
-        return _safe_mean(ctx, total, emit.cast(ctx, end, head.dtype, "head_rows"))
+        one = emit.scalar(ctx, 1.0, head.dtype, "one")
+        same = ctx.op("Equal", [head, head], dtype="bool", label="head_cells")
+        ones = ctx.op("Where", [same, one, one], dtype=head.dtype, label="head_ones")
+        taken = emit.reduce(ctx, "ReduceSum", ones, [0], keepdims=False, shape=(channels,))
+        return _safe_mean(ctx, total, taken)
     k = min(rows, SHIFT_SAMPLES)
     weights = emit.constant_of_shape(
         ctx, emit.ints(ctx, [k], "head_rows"), 1.0 / max(k, 1), head.dtype
@@ -418,11 +430,12 @@ def _inner_shift(ctx, x: Value, axis: int) -> tuple[Value, Value]:
         "Slice", [x, emit.ints(ctx, [0] * k, "start"), end, emit.ints(ctx, axes, "axes")],
         label="head",
     )
-    # A sum over a safe count, not ReduceMean: an empty batch's shift is 0.
+    # A sum over a safe count, not ReduceMean: an empty batch's shift is 0. The
+    # count is the product of the clamped ends: Size(head) or ReduceMean of a
+    # head with dynamic dims makes tract's shape analysis take minutes.
     total = emit.reduce(ctx, "ReduceSum", head, axes, keepdims=True, label="head_total")
-    size = emit.cast(ctx, ctx.op("Size", [head], dtype="int64", shape=()), dtype)
-    per_channel = ctx.op("Div", [size, emit.scalar(ctx, float(x.shape[axis]), dtype, "c")])
-    return _safe_mean(ctx, total, per_channel), n
+    count = emit.reduce(ctx, "ReduceProd", end, [0], keepdims=True, label="head_count")
+    return _safe_mean(ctx, total, emit.cast(ctx, count, dtype)), n
 
 
 def _first_valid_row_mean(ctx, x: Value, axis: int, valid: Value) -> Value | None:

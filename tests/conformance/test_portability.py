@@ -194,3 +194,48 @@ def test_example_models_on_every_runtime(runtime, model_file):
     assert len(got) == len(expected) == len(proto.graph.output)
     for i, (a, b) in enumerate(zip(got, expected)):
         close(runtime, a, b, "float32", f"{runtime} {model_file.parent.name} output {i}")
+
+
+@pytest.mark.parametrize("runtime", runtimes.RUNTIMES)
+@pytest.mark.parametrize("axis,masked", [(1, False), (1, True), (-1, False), (-1, True)])
+def test_chained_layers_over_dynamic_lengths(runtime, axis, masked):
+    """Two training layers over (batch, 4, length) inputs with a dynamic length, fed two lengths."""
+    onnxbn.reset_names()
+    rng = np.random.default_rng(SEED + 9)
+    inner = axis == 1  # (batch, 4, length) channel inner, else (batch, length, 4)
+    x = onnxbn.Input((4, None) if inner else (None, 4), name="x")
+    inputs, kwargs = [x], {}
+    if masked:
+        mask = onnxbn.Input((4,) if inner else (None,), dtype="bool", name="mask")
+        inputs.append(mask)
+        kwargs["mask"] = mask
+    first = layers.BatchNormalization(axis=axis, momentum=0.6, name="bn")
+    second = layers.BatchNormalization(axis=axis, momentum=0.6, name="bn2")
+    model = onnxbn.Model(inputs, second(first(x, training=True, **kwargs), training=True, **kwargs))
+    proto = export_onnx(model)
+    feeds = []
+    for length in (6, 3):
+        shape = (3, 4, length) if inner else (3, length, 4)
+        data = rng.normal(1.0, 2.0, shape).astype(np.float32)
+        feed = {"x": data}
+        if masked:
+            feed["mask"] = rng.random(shape[:2]) < 0.7
+        feeds.append(feed)
+    got = runtimes.carry_state(runtime, proto, feeds)
+    states = {layer.name: (np.asarray(layer.moving_mean.value, np.float64),
+                           np.asarray(layer.moving_variance.value, np.float64))
+              for layer in (first, second)}  # fmt: skip
+    for step, (feed, (outputs, state)) in enumerate(zip(feeds, got)):
+        y = feed["x"].astype(np.float64)
+        for layer in (first, second):
+            mean, var = states[layer.name]
+            y, mean, var = bn_oracle(
+                y, axis=axis, gamma=None, beta=None, moving_mean=mean, moving_variance=var,
+                momentum=0.6, epsilon=1e-3, training=True, mask=feed.get("mask"),
+            )  # fmt: skip
+            states[layer.name] = (mean.astype(np.float32), var.astype(np.float32))
+            close(runtime, state[f"{layer.name}/moving_mean"], mean, "float32",
+                  f"{runtime} step {step}: {layer.name} mean")  # fmt: skip
+            close(runtime, state[f"{layer.name}/moving_variance"], var, "float32",
+                  f"{runtime} step {step}: {layer.name} variance")  # fmt: skip
+        close(runtime, outputs[0], y, "float32", f"{runtime} step {step}: output")
