@@ -1,11 +1,10 @@
 """BatchNormalization: how a Keras call becomes ONNX (semantics: `layers/batch_normalization.py`).
 
-Inference is one pass over the data: the per-channel scale and shift are folded
-in float64 at export and rounded once, then applied by the native
-BatchNormalization node with mean 0, variance 1 and epsilon 0 (so it computes
-exactly `x * s + b`) wherever the channel can sit at position 1 through a free
-Reshape/Unsqueeze; a channels-last tensor is viewed as `(M, C)` and the output
-reshaped back. onnxruntime copies on that last Reshape only when it makes a graph
+Inference is one pass over the data: the native BatchNormalization node
+carrying the layer itself (scale = gamma, B = beta, mean and variance = the
+moving statistics, the layer's epsilon), wherever the channel can sit at
+position 1 through a free Reshape/Unsqueeze; a channels-last tensor is viewed as
+`(M, C)` and the output reshaped back. onnxruntime copies on that last Reshape only when it makes a graph
 output, and even then the pair beats Mul+Add broadcasting `[C]` (NHWC
 32x56x56x64, 1 thread: 2.2x memcpy against 3.2x; paired runs of whole exports,
 inference 0.67 and training 0.92 of the Mul+Add time; BatchNormalization then
@@ -154,22 +153,23 @@ def _native(ctx, op, x, axis, scale, bias, mean, var, epsilon) -> Value:
 
 # -- inference --------------------------------------------------------------------
 def _inference(ctx: LoweringContext, op: BatchNormalization, x: Value, axis: int) -> Value:
-    """Moving statistics folded at export: `y = x * s + b`, `s`, `b` from float64."""
+    """The layer itself as one native node: scale = gamma, B = beta, the moving statistics.
+
+    Tools that read BatchNormalization nodes (recalibration, fusions,
+    quantizers, viewers) see the layer the user built; gamma/beta are ones/zeros
+    when scale/center is off.
+    """
     channels = x.shape[axis]
-    mean = _weight64(op.moving_mean, 0.0, channels)
-    var = _weight64(op.moving_variance, 1.0, channels)
-    s = _weight64(op.gamma, 1.0, channels) / np.sqrt(var + op.epsilon)
-    b = _weight64(op.beta, 0.0, channels) - mean * s
     return _native(
         ctx,
         op,
         x,
         axis,
-        ctx.constant(s, "scale", x.dtype),
-        ctx.constant(b, "shift", x.dtype),
-        ctx.constant(np.zeros(channels), "zero_mean", x.dtype),
-        ctx.constant(np.ones(channels), "unit_variance", x.dtype),
-        0.0,
+        ctx.constant(_weight64(op.gamma, 1.0, channels), "gamma", x.dtype),
+        ctx.constant(_weight64(op.beta, 0.0, channels), "beta", x.dtype),
+        ctx.constant(_weight64(op.moving_mean, 0.0, channels), "moving_mean", x.dtype),
+        ctx.constant(_weight64(op.moving_variance, 1.0, channels), "moving_variance", x.dtype),
+        op.epsilon,
     )
 
 
@@ -181,7 +181,7 @@ def _inference_from_state(
     channels = x.shape[axis]
     gamma, beta = _affine(ctx, op, x.dtype, channels)
     shape = emit.ints(ctx, _param_shape(x.rank, axis, channels), "param_shape")
-    inv = _inverse_std(ctx, var, gamma, op.epsilon, x.dtype)
+    inv = inverse_std(ctx, var, gamma, op.epsilon, x.dtype)
     b = ctx.op("Sub", [beta, ctx.op("Mul", [mean, inv])], label="shift")
     scaled = ctx.op("Mul", [x, ctx.op("Reshape", [inv, shape], label="scale", allowzero=0)])
     return ctx.op("Add", [scaled, ctx.op("Reshape", [b, shape], allowzero=0)], label="y")
@@ -202,7 +202,7 @@ def _affine(ctx, op, dtype: str, channels: int) -> tuple[Value, Value]:
     return gamma, beta
 
 
-def _inverse_std(ctx, var: Value, gamma: Value | None, epsilon: float, dtype: str) -> Value:
+def inverse_std(ctx, var: Value, gamma: Value | None, epsilon: float, dtype: str) -> Value:
     """`gamma / sqrt(var + epsilon)`."""
     std = ctx.op("Sqrt", [ctx.op("Add", [var, emit.scalar(ctx, epsilon, dtype, "epsilon")])])
     if gamma is None:
@@ -217,9 +217,7 @@ def _training(
     dtype, channels = x.dtype, x.shape[axis]
     # Every state is declared here, in the layer's weight order (the input order).
     states = {
-        v.path.rsplit("/", 1)[-1]: emit.cast(
-            ctx, ctx.read_state(v.path, v.value, v.dtype), dtype, v.path.rsplit("/", 1)[-1]
-        )
+        v.name: emit.cast(ctx, ctx.read_state(v.path, v.value, v.dtype), dtype, v.name)
         for v in op.state_variables
     }
     valid = None if mask is None else moments.valid_positions(ctx, mask, x)
@@ -231,36 +229,61 @@ def _training(
     if op.renorm:
         s, r, d = renormalization.correction(ctx, op, batch_mean, var, states)
         inv, offset = renormalization.affine(ctx, s, r, d, gamma, beta)
-        new_states = renormalization.updates(ctx, op, batch_mean, s, states, _moving_average)
+        new_states = renormalization.updates(ctx, op, batch_mean, s, states, moving_average)
     else:
-        inv = _inverse_std(ctx, var, gamma, op.epsilon, dtype)
+        inv = inverse_std(ctx, var, gamma, op.epsilon, dtype)
         offset = beta
         new_states = {
-            "moving_mean": _moving_average(ctx, states["moving_mean"], batch_mean, op.momentum),
-            "moving_variance": _moving_average(ctx, states["moving_variance"], var, op.momentum),
+            "moving_mean": moving_average(ctx, states["moving_mean"], batch_mean, op.momentum),
+            "moving_variance": moving_average(ctx, states["moving_variance"], var, op.momentum),
         }
-    # y = (d - mean_d) * inv + offset, as d * inv + (offset - mean_d * inv).
-    shift_out = ctx.op("Mul", [mean_d, inv])
+    y = normalized(ctx, stats, inv, offset, axis, x.rank, channels)
+    updates = [(v.path, v.dtype, states[v.name], new_states[v.name]) for v in op.state_variables]
+    write_updates(ctx, stats, updates)
+    return y
+
+
+def normalized(
+    ctx: LoweringContext,
+    stats: moments.Moments,
+    inv: Value,
+    offset: Value | None,
+    axis: int,
+    rank: int,
+    channels: int,
+) -> Value:
+    """`(x - mean) * inv + offset` from the shifted data, `inv` and `offset` of shape `(C,)`.
+
+    Computed as `d * inv + (offset - mean_d * inv)`: one Mul and one Add over
+    the data (`offset` None: no offset).
+    """
+    shift_out = ctx.op("Mul", [stats.mean_shifted, inv])
     if offset is None:
         offset = ctx.op("Neg", [shift_out], label="offset")
     else:
         offset = ctx.op("Sub", [offset, shift_out], label="offset")
-    if axis != x.rank - 1:  # (C,) broadcasts on the last axis only
-        shape = emit.ints(ctx, _param_shape(x.rank, axis, channels), "param_shape")
+    if axis != rank - 1:  # (C,) broadcasts on the last axis only
+        shape = emit.ints(ctx, _param_shape(rank, axis, channels), "param_shape")
         inv = ctx.op("Reshape", [inv, shape], label="scale", allowzero=0)
         offset = ctx.op("Reshape", [offset, shape], label="offset", allowzero=0)
-    y = ctx.op("Add", [ctx.op("Mul", [stats.shifted, inv], label="scaled"), offset], label="y")
-    for variable in op.state_variables:
-        name = variable.path.rsplit("/", 1)[-1]
-        new = new_states[name]
+    return ctx.op("Add", [ctx.op("Mul", [stats.shifted, inv], label="scaled"), offset], label="y")
+
+
+def write_updates(
+    ctx: LoweringContext, stats: moments.Moments, updates: list[tuple[str, str, Value, Value]]
+) -> None:
+    """Writes each `(state path, state dtype, current value, new value)` as the new state.
+
+    An empty unmasked batch has no statistics: the state is kept, as the eager
+    layer keeps it.
+    """
+    for path, dtype, current, new in updates:
         if stats.nonempty is not None:
-            # An empty unmasked batch has no statistics: the eager layer keeps the state.
-            new = ctx.op("Where", [stats.nonempty, new, states[name]], dtype=dtype, label="new")
-        ctx.write_state(variable.path, emit.cast(ctx, new, variable.dtype, "new"))
-    return y
+            new = ctx.op("Where", [stats.nonempty, new, current], dtype=new.dtype, label="new")
+        ctx.write_state(path, emit.cast(ctx, new, dtype, "new"))
 
 
-def _moving_average(ctx, moving: Value, batch: Value, momentum: float) -> Value:
+def moving_average(ctx, moving: Value, batch: Value, momentum: float) -> Value:
     """`moving * momentum + batch * (1 - momentum)`."""
     kept = ctx.op("Mul", [moving, emit.scalar(ctx, momentum, moving.dtype, "momentum")])
     rate = emit.scalar(ctx, 1.0 - momentum, moving.dtype, "rate")
