@@ -27,9 +27,11 @@ _PUBLIC: dict[str, tuple[str, str | None]] = {
     "export_onnx": ("onnxbn.export", "export_onnx"),
     "initial_state": ("onnxbn.contract", "initial_state"),
     "layers": ("onnxbn.layers", None),
+    "recalibrate": ("onnxbn.adapt.recalibrate", "recalibrate"),
     "reference": ("onnxbn.reference", None),
     "reset_names": ("onnxbn.naming", "reset_names"),
     "runtime": ("onnxbn.runtime", None),
+    "to_training": ("onnxbn.adapt.to_training", "to_training"),
 }
 
 __all__ = sorted(_PUBLIC)
@@ -54,6 +56,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from onnxbn import distributed, layers, reference, runtime
+    from onnxbn.adapt import recalibrate, to_training
     from onnxbn.contract import initial_state
     from onnxbn.dtypes import DTypePolicy
     from onnxbn.export import export_onnx

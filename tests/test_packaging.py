@@ -23,7 +23,6 @@ PROJECT = PYPROJECT["project"]
 OPTIONAL_IMPORTS = {
     "onnxruntime": "cpu",  # onnxbn.runtime.Session: the `cpu` or `gpu` extra
     "mpi4py": "distributed",  # synchronized BatchNormalization across processes
-    "tqdm": None,  # `onnxbn bench` draws a bar with it when installed, plain lines otherwise
 }
 
 
