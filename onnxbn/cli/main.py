@@ -13,13 +13,14 @@ import sys
 from collections.abc import Sequence
 
 from onnxbn.cli import bench_cmd, check_cmd, export_cmd, inspect_cmd, run_cmd
+from onnxbn.cli.adapt_cmds import Recalibrate, ToTraining
 
 EXIT_OK = 0
 EXIT_DISAGREE = 1
 EXIT_BAD_INPUT = 2
 EXIT_NOT_IMPLEMENTED = 3
 
-COMMANDS = (export_cmd, run_cmd, check_cmd, inspect_cmd, bench_cmd)
+COMMANDS = (export_cmd, run_cmd, check_cmd, inspect_cmd, bench_cmd, Recalibrate, ToTraining)
 
 
 def version() -> str:
