@@ -21,7 +21,9 @@ from onnxbn.layers.layer import Layer
 from onnxbn.lowering.context import LoweringContext, Value, onnx_dtype
 from onnxbn.lowering.folding import fold_batchnorm_nodes
 from onnxbn.lowering.input_layer import declare_input, input_dims
+from onnxbn.lowering.readable import annotate
 from onnxbn.lowering.registry import lookup_lowering
+from onnxbn.lowering.transposes import cancel_transposes
 from onnxbn.node import Node
 from onnxbn.operation import Operation
 from onnxbn.tensor import SymbolicTensor
@@ -223,6 +225,9 @@ def _export(
     )
     _set_output_shapes(model, outputs)
     _set_metadata(model, nodes, training, ctx)
+    # Transposes around element-wise ops cancel first; doc_strings and shapes read the result.
+    cancel_transposes(model.graph)
+    annotate(model)
     return model
 
 
