@@ -176,3 +176,56 @@ def test_both_sessions_carry_the_five_states(engine):
         close(out, y, "float32", f"{engine} step {step}")
         for n in STATES:
             close(session.state[f"bn/{n}"], want[n], "float32", f"{engine} step {step}: {n}")
+
+
+@pytest.mark.parametrize("engine", ["runtime", "reference"])
+def test_synchronized_renorm_export_across_replicas(engine):
+    """Three replicas (threads standing in for MPI processes, one with an empty batch) run the
+    export with `Session(comm=...)`: every replica normalizes with the global batch's renorm
+    correction and ends with the oracle's five states."""
+    import threading
+
+    from tests.layers.test_batch_normalization_renorm import ThreadComm
+
+    rng = np.random.default_rng(11)
+    onnxbn.reset_names()
+    x = onnxbn.Input((4, 3), name="x")
+    bn = layers.BatchNormalization(
+        momentum=0.6, renorm=True, renorm_clipping={"rmax": 1.2, "dmax": 0.3},
+        renorm_momentum=0.5, synchronized=True, name="bn",
+    )  # fmt: skip
+    model = onnxbn.Model(x, bn(x, training=True))
+    positive = {"moving_variance", "moving_stddev", "renorm_stddev"}
+    bn.set_weights([rng.uniform(0.3, 2.0, w.shape) if w.name in positive else
+                    rng.normal(size=w.shape) for w in bn.weights])  # fmt: skip
+    proto = export_onnx(model)
+    sizes, steps = [5, 0, 7], 2
+    batches = [rng.normal(1.0, 2.0, (sum(sizes), 4, 3)).astype(np.float32) for _ in range(steps)]
+    starts = np.cumsum([0] + sizes)
+    shared = {"slots": [None] * len(sizes), "barrier": threading.Barrier(len(sizes), timeout=60)}
+    make = onnxbn.runtime.Session if engine == "runtime" else onnxbn.reference.Session
+    results, errors = [[] for _ in sizes], []
+
+    def run(rank):
+        try:
+            session = make(proto, comm=ThreadComm(rank, shared))
+            for batch in batches:
+                (y,) = session.run({"x": batch[starts[rank] : starts[rank + 1]]})
+                results[rank].append((y, dict(session.state)))
+        except Exception as error:  # reported below, in the test's thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(len(sizes))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    expected = expected_steps(bn, [{"x": b} for b in batches])
+    for step, (y, want) in enumerate(expected):
+        for rank in range(len(sizes)):
+            got_y, state = results[rank][step]
+            part = slice(starts[rank], starts[rank + 1])
+            close(got_y, y[part], "float32", f"{engine} rank {rank} step {step}: output")
+            for n in STATES:
+                close(state[f"bn/{n}"], want[n], "float32", f"{engine} rank {rank} step {step}: {n}")
