@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from onnxbn.layers.input_layer import InputLayer
-from onnxbn.layers.registry import deserialize, serialize
+from onnxbn.operation_registry import deserialize, serialize
 from onnxbn.tensor import SymbolicTensor
 from onnxbn.tree import map_structure
 

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 
 import onnxbn
 from onnxbn import layers
-from onnxbn.layers.registry import LAYERS
+from onnxbn.operation_registry import LAYERS
 
 FIXTURES = Path(__file__).parent / "fixtures" / "keras"
 ALLOWED = (ValueError, TypeError, NotImplementedError)

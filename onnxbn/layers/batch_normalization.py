@@ -22,7 +22,7 @@ from onnxbn.layers.moments import (
     check_mask_rank,
     normalize_axis,
 )
-from onnxbn.layers.registry import register_layer
+from onnxbn.operation_registry import register_layer
 from onnxbn.layers.renormalization import (
     RENORM_WEIGHTS,
     batch_renormalization,
