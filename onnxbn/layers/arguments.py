@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from numbers import Real
 from typing import Any
 
 import numpy as np
@@ -35,5 +37,15 @@ def reject_unsupported(owner: str, **arguments: Any) -> None:
 
 def check_bool(value: Any, name: str) -> bool:
     if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"Expected `{name}` to be a bool, received {name}={value!r}.")
+        raise TypeError(f"{name} must be a bool, received {name}={value!r}.")
     return bool(value)
+
+
+def check_real(value: Any, name: str) -> float:
+    """A finite real number (not a bool) as a float."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, received {value!r}.")
+    value = float(value)
+    if math.isnan(value) or math.isinf(value):
+        raise ValueError(f"{name} must be a finite number, received {value!r}.")
+    return value

@@ -6,14 +6,13 @@ kernel of the reference interpreter in `onnxbn/reference/kernels/`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from numbers import Real
 from typing import Any
 
 import numpy as np
 
 from onnxbn.dtypes import to_numpy_dtype
+from onnxbn.layers.arguments import check_bool, check_real
 from onnxbn.layers.input_spec import InputSpec
 from onnxbn.layers.layer import Layer, to_array
 from onnxbn.layers.moments import (
@@ -22,7 +21,6 @@ from onnxbn.layers.moments import (
     check_mask_rank,
     normalize_axis,
 )
-from onnxbn.operation_registry import register_layer
 from onnxbn.layers.renormalization import (
     RENORM_WEIGHTS,
     batch_renormalization,
@@ -30,6 +28,7 @@ from onnxbn.layers.renormalization import (
     check_renorm_momentum,
     renorm_initializers,
 )
+from onnxbn.operation_registry import register_layer
 from onnxbn.tensor import SymbolicTensor
 
 
@@ -94,21 +93,6 @@ def batch_normalization(
         y = (np.asarray(x, dtype=np.float64) - mean64.reshape(shape)) * inv.reshape(shape)
         y += offset.reshape(shape)
     return y.astype(out_dtype), new_mean.astype(out_dtype), new_var.astype(out_dtype)
-
-
-def _check_real(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{what} must be a real number, received {value!r}.")
-    value = float(value)
-    if math.isnan(value) or math.isinf(value):
-        raise ValueError(f"{what} must be a finite number, received {value!r}.")
-    return value
-
-
-def _check_bool(value: Any, what: str) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{what} must be a bool, received {value!r}.")
-    return bool(value)
 
 
 @register_layer("keras.layers")
@@ -200,16 +184,16 @@ class BatchNormalization(Layer):
                 f"of type {type(axis).__name__}."
             )
         self.axis = int(axis)
-        self.momentum = _check_real(momentum, "momentum")
+        self.momentum = check_real(momentum, "momentum")
         if not 0.0 <= self.momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1], received {momentum!r}.")
-        self.epsilon = _check_real(epsilon, "epsilon")
+        self.epsilon = check_real(epsilon, "epsilon")
         if self.epsilon < 0:
             raise ValueError(f"epsilon must be >= 0, received {epsilon!r}.")
-        self.center = _check_bool(center, "center")
-        self.scale = _check_bool(scale, "scale")
-        self.synchronized = _check_bool(synchronized, "synchronized")
-        self.renorm = _check_bool(renorm, "renorm")
+        self.center = check_bool(center, "center")
+        self.scale = check_bool(scale, "scale")
+        self.synchronized = check_bool(synchronized, "synchronized")
+        self.renorm = check_bool(renorm, "renorm")
         self.renorm_clipping = check_renorm_clipping(renorm_clipping, renorm=self.renorm)
         self.renorm_momentum = check_renorm_momentum(renorm_momentum)
         self.beta_initializer = initializers.get(beta_initializer)
