@@ -39,7 +39,7 @@ sys.path.insert(0, ROOT)
 
 from models.real_models import resnet_cnn  # noqa: E402
 from onnxbn import export_onnx  # noqa: E402
-from onnxbn.layers.conv import conv_padding  # noqa: E402
+from onnxbn.layers.conv_arithmetic import conv_padding  # noqa: E402
 
 
 def session(proto: onnx.ModelProto, threads: int) -> tuple[ort.InferenceSession, int]:

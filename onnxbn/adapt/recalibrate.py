@@ -227,7 +227,7 @@ def recalibrate(
                 shaped = value.astype(dtype).reshape(tuple(old.dims))
                 old.CopyFrom(numpy_helper.from_array(shaped, name))
     if path is not None:
-        from onnxbn.export import write_atomic
+        from onnxbn.model_files import write_atomic
 
         write_atomic(model, path)
     return model

@@ -183,7 +183,7 @@ def to_training(model_or_path: Any, *, momentum: float | None = None) -> onnx.Mo
         model,
         {**{p.key: p.value for p in model.metadata_props}, INITIAL_STATE_KEY: encode_initial_state(initial)},
     )
-    from onnxbn.export import validate
+    from onnxbn.model_files import validate
 
     validate(model)
     return model

@@ -62,7 +62,7 @@ class ToTraining:
     def run(args: argparse.Namespace) -> int:
         from onnxbn.adapt import to_training
         from onnxbn.contract import initial_state
-        from onnxbn.export import write_atomic
+        from onnxbn.model_files import write_atomic
 
         require_file(args.model)
         model = to_training(args.model, momentum=args.momentum)

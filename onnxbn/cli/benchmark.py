@@ -25,10 +25,8 @@ Usage:
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
 
 import numpy as np
 import onnx
@@ -37,6 +35,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxbn
 from onnxbn import layers
+from onnxbn.cli.progress import Progress
 
 LAYOUTS: dict[str, tuple[tuple[int, ...], int]] = {  # name: (shape, channel axis)
     "NCHW": ((32, 64, 56, 56), 1),
@@ -315,35 +314,6 @@ def markdown(results: dict[str, Result], threads: int, runs: int | None = None) 
     return "\n".join(lines)
 
 
-class _Progress:
-    """A tqdm bar on stderr, or plain lines on stderr where tqdm is missing."""
-
-    def __init__(self, total: int) -> None:
-        try:
-            from tqdm import tqdm
-        except ImportError:  # a dependency, but a bar is not worth failing a benchmark over
-            self._bar: Any = None
-            self._done, self._total = 0, total
-            return
-        self._bar = tqdm(total=total, file=sys.stderr, unit="round", leave=False)
-
-    def describe(self, text: str) -> None:
-        if self._bar is not None:
-            self._bar.set_description(text)
-        else:
-            print(f"bench: {text} ({self._done}/{self._total})", file=sys.stderr, flush=True)
-
-    def tick(self) -> None:
-        if self._bar is not None:
-            self._bar.update(1)
-        else:
-            self._done += 1
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-
-
 def _check(
     quick: bool, repeats: int | None, threads: Iterable[int], layouts: Sequence[str] | None
 ) -> tuple[int, list[int], list[str]]:
@@ -389,7 +359,7 @@ def run(
         ValueError: an unknown layout, or non-positive `repeats` or `threads`.
     """
     runs, thread_list, names = _check(quick, repeats, threads, layouts)
-    bar = _Progress(len(thread_list) * len(names) * (rounds_for(runs) + 1)) if progress else None
+    bar = Progress(len(thread_list) * len(names) * (rounds_for(runs) + 1)) if progress else None
     tables = []
     try:
         for count in thread_list:

@@ -8,8 +8,6 @@ in `onnxbn/lowering/conv.py`.
 from __future__ import annotations
 
 import inspect
-import itertools
-import math
 from typing import Any
 
 import numpy as np
@@ -18,6 +16,8 @@ from onnxbn import constraints, initializers, regularizers
 from onnxbn.dtypes import to_numpy_dtype
 from onnxbn.layers import activation as activations
 from onnxbn.layers.arguments import check_bool, check_min_ndim, reject_unsupported
+from onnxbn.layers.conv_arithmetic import conv_output_size, convolve
+from onnxbn.layers.conv_arithmetic import conv_padding  # noqa: F401 - re-exported
 from onnxbn.layers.dense import add_kernel_and_bias
 from onnxbn.layers.input_spec import InputSpec
 from onnxbn.layers.layer import BASE_CONFIG_KEYS, Layer
@@ -67,31 +67,6 @@ def standardize_data_format(value: Any) -> str:
             f"Received: data_format={data_format}"
         )
     return data_format
-
-
-def conv_padding(
-    size: int, kernel: int, stride: int, dilation: int, padding: str
-) -> tuple[int, int]:
-    """`(before, after)` padding of one spatial axis, as TensorFlow/JAX pad them."""
-    span = dilation * (kernel - 1) + 1
-    if padding == "valid":
-        return 0, 0
-    if padding == "causal":
-        return span - 1, 0
-    out = -(-size // stride)  # "same": ceil(size / stride) outputs
-    total = max((out - 1) * stride + span - size, 0)
-    return total // 2, total - total // 2
-
-
-def conv_output_size(
-    size: int | None, kernel: int, stride: int, dilation: int, padding: str
-) -> int | None:
-    """Output length of one spatial axis (None stays None)."""
-    if size is None:
-        return None
-    if padding == "valid":
-        return math.floor((size - dilation * (kernel - 1) - 1) / stride) + 1
-    return math.floor((size - 1) / stride) + 1
 
 
 class BaseConv(Layer):
@@ -306,52 +281,6 @@ class BaseConv(Layer):
             }
         )
         return config
-
-
-def convolve(
-    x: np.ndarray,
-    kernel: np.ndarray,
-    *,
-    strides: tuple[int, ...],
-    dilation_rate: tuple[int, ...],
-    padding: str,
-    groups: int,
-) -> np.ndarray:
-    """Channels-last grouped cross-correlation in the input's dtype (float64 here).
-
-    Args:
-        x: `(batch, *spatial, in_channels)`.
-        kernel: `(*kernel_size, in_channels // groups, filters)`.
-        strides, dilation_rate: one int per spatial axis.
-        padding: `"valid"`, `"same"` or `"causal"`.
-        groups: number of channel groups.
-
-    Returns:
-        `(batch, *out_spatial, filters)`.
-    """
-    rank = kernel.ndim - 2
-    ksize = kernel.shape[:rank]
-    pads = [
-        conv_padding(x.shape[1 + i], ksize[i], strides[i], dilation_rate[i], padding)
-        for i in range(rank)
-    ]
-    x = np.pad(x, [(0, 0)] + pads + [(0, 0)])
-    out = [
-        conv_output_size(x.shape[1 + i], ksize[i], strides[i], dilation_rate[i], "valid")
-        for i in range(rank)
-    ]
-    batch, cin, filters = x.shape[0], x.shape[-1], kernel.shape[-1]
-    # Kernel (..., cin/g, filters) -> (..., cin/g, g, filters/g): group g reads its input slice.
-    grouped = kernel.reshape(ksize + (cin // groups, groups, filters // groups))
-    y = np.zeros((batch, *out, groups, filters // groups))
-    for offset in itertools.product(*(range(k) for k in ksize)):
-        window = tuple(
-            slice(o * d, o * d + s * (n - 1) + 1, s)
-            for o, d, s, n in zip(offset, dilation_rate, strides, out)
-        )
-        patch = x[(slice(None),) + window].reshape(batch, *out, groups, cin // groups)
-        y += np.einsum("...gc,cgf->...gf", patch, grouped[offset])
-    return y.reshape(batch, *out, filters)
 
 
 @register_layer("keras.layers")

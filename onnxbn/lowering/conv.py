@@ -34,7 +34,8 @@ import itertools
 
 import numpy as np
 
-from onnxbn.layers.conv import BaseConv, conv_padding
+from onnxbn.layers.conv import BaseConv
+from onnxbn.layers.conv_arithmetic import conv_padding
 from onnxbn.lowering import emit
 from onnxbn.lowering.activation import (
     apply_activation,

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 
 from onnxbn.reference import kernels
-from onnxbn.reference.kernels.table import NEWEST_OPSET, OUTPUT_COUNT_KEYWORD
+from onnxbn.reference.kernels.table import OUTPUT_COUNT_KEYWORD
 from onnxbn.reference.limits import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_DEPTH,
@@ -35,10 +35,10 @@ from onnxbn.reference.loading import (
     input_spec,
     load_model,
 )
+from onnxbn.reference.opset import DEFAULT_DOMAINS, default_opset
 from onnxbn.reference.reuse import donating, plan_donations
 from onnxbn.session import FeedSpec, convert_feed
 
-_DEFAULT_DOMAINS = ("", "ai.onnx")
 _UNUSED = "\x00unused:"  # prefix of skipped outputs; no ONNX name starts with NUL
 
 
@@ -88,48 +88,13 @@ class Interpreter:
         proto, folder = load_model(model, base_dir)
         self.model = proto
         check_nesting(proto.graph, max_depth)
-        self.opset = self._default_opset(proto)
+        self.opset = default_opset(proto)
         self._loader = TensorLoader(folder, self.max_bytes)
         token = set_max_bytes(self.max_bytes)
         try:
             self._compile(proto.graph)
         finally:
             reset_max_bytes(token)
-
-    @staticmethod
-    def _default_opset(model: onnx.ModelProto) -> int:
-        """The opset of the default domain the model imports.
-
-        Raises:
-            ValueError: no opset import at all, or a version below 1 (malformed).
-            NotImplementedError: only other domains, or an opset newer than
-                `NEWEST_OPSET` (well-formed models this interpreter cannot run).
-        """
-        if not model.opset_import:
-            raise ValueError(
-                "The model imports no opset of the default ONNX domain; expected an "
-                "opset_import entry with domain ''."
-            )
-        versions = [o.version for o in model.opset_import if o.domain in _DEFAULT_DOMAINS]
-        if not versions:
-            domains = sorted({o.domain for o in model.opset_import})
-            raise NotImplementedError(
-                f"The model imports only the domain(s) {domains}; the reference interpreter "
-                "runs the default ONNX domain ('' or 'ai.onnx') only."
-            )
-        if min(versions) < 1:
-            raise ValueError(
-                f"The model imports opset {min(versions)} of the default ONNX domain; "
-                "expected a version >= 1."
-            )
-        opset = int(max(versions))
-        if opset > NEWEST_OPSET:
-            raise NotImplementedError(
-                f"The model imports opset {opset} of the default ONNX domain; the reference "
-                f"interpreter knows opsets up to {NEWEST_OPSET}, and an op's meaning may have "
-                "changed since."
-            )
-        return opset
 
     def _compile(self, graph: onnx.GraphProto) -> None:
         constants: dict[str, Any] = {"": None}
@@ -180,7 +145,7 @@ class Interpreter:
 
     def _compile_node(self, node: onnx.NodeProto, index: int, available: set[str]) -> Step:
         label = _node_label(node, index)
-        if node.domain not in _DEFAULT_DOMAINS:
+        if node.domain not in DEFAULT_DOMAINS:
             raise NotImplementedError(
                 f"{label}: domain {node.domain!r} is not supported by the reference "
                 f"interpreter (opset {self.opset} of the default domain only)."

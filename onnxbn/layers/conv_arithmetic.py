@@ -1,0 +1,84 @@
+"""Convolution arithmetic in NumPy: per-axis padding and output sizes, and `convolve`.
+
+What `Conv1D`/`Conv2D` (`onnxbn/layers/conv.py`) compute, as plain functions:
+TensorFlow/JAX padding of `"valid"`, `"same"` and `"causal"`, and a
+channels-last grouped cross-correlation. The lowering pads the same way.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+
+
+def conv_padding(
+    size: int, kernel: int, stride: int, dilation: int, padding: str
+) -> tuple[int, int]:
+    """`(before, after)` padding of one spatial axis, as TensorFlow/JAX pad them."""
+    span = dilation * (kernel - 1) + 1
+    if padding == "valid":
+        return 0, 0
+    if padding == "causal":
+        return span - 1, 0
+    out = -(-size // stride)  # "same": ceil(size / stride) outputs
+    total = max((out - 1) * stride + span - size, 0)
+    return total // 2, total - total // 2
+
+
+def conv_output_size(
+    size: int | None, kernel: int, stride: int, dilation: int, padding: str
+) -> int | None:
+    """Output length of one spatial axis (None stays None)."""
+    if size is None:
+        return None
+    if padding == "valid":
+        return math.floor((size - dilation * (kernel - 1) - 1) / stride) + 1
+    return math.floor((size - 1) / stride) + 1
+
+
+def convolve(
+    x: np.ndarray,
+    kernel: np.ndarray,
+    *,
+    strides: tuple[int, ...],
+    dilation_rate: tuple[int, ...],
+    padding: str,
+    groups: int,
+) -> np.ndarray:
+    """Channels-last grouped cross-correlation in the input's dtype (float64 here).
+
+    Args:
+        x: `(batch, *spatial, in_channels)`.
+        kernel: `(*kernel_size, in_channels // groups, filters)`.
+        strides, dilation_rate: one int per spatial axis.
+        padding: `"valid"`, `"same"` or `"causal"`.
+        groups: number of channel groups.
+
+    Returns:
+        `(batch, *out_spatial, filters)`.
+    """
+    rank = kernel.ndim - 2
+    ksize = kernel.shape[:rank]
+    pads = [
+        conv_padding(x.shape[1 + i], ksize[i], strides[i], dilation_rate[i], padding)
+        for i in range(rank)
+    ]
+    x = np.pad(x, [(0, 0)] + pads + [(0, 0)])
+    out = [
+        conv_output_size(x.shape[1 + i], ksize[i], strides[i], dilation_rate[i], "valid")
+        for i in range(rank)
+    ]
+    batch, cin, filters = x.shape[0], x.shape[-1], kernel.shape[-1]
+    # Kernel (..., cin/g, filters) -> (..., cin/g, g, filters/g): group g reads its input slice.
+    grouped = kernel.reshape(ksize + (cin // groups, groups, filters // groups))
+    y = np.zeros((batch, *out, groups, filters // groups))
+    for offset in itertools.product(*(range(k) for k in ksize)):
+        window = tuple(
+            slice(o * d, o * d + s * (n - 1) + 1, s)
+            for o, d, s, n in zip(offset, dilation_rate, strides, out)
+        )
+        patch = x[(slice(None),) + window].reshape(batch, *out, groups, cin // groups)
+        y += np.einsum("...gc,cgf->...gf", patch, grouped[offset])
+    return y.reshape(batch, *out, filters)
