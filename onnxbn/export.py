@@ -294,8 +294,7 @@ def _set_metadata(model, nodes: list[Node], training: bool | None, ctx) -> None:
     state = [[slot.path, slot.path + STATE_SUFFIX] for slot in ctx.state.values()]
     entries["onnxbn:state"] = json.dumps(state)
     if ctx.state:
-        initial = {slot.path: slot.initial for slot in ctx.state.values()}
-        entries[INITIAL_STATE_KEY] = encode_initial_state(initial)
+        entries[INITIAL_STATE_KEY] = encode_initial_state(ctx.initial_state())
     for node in nodes:
         op = node.operation
         key = METADATA_LAYER_PREFIX + op.name

@@ -23,19 +23,16 @@ several are.
 from __future__ import annotations
 
 import ctypes
-import os
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_dtypes
 import numpy as np
-import onnx
-from google.protobuf.message import DecodeError
 from onnx import TensorProto
 
 from onnxbn.contract import load_model
-from onnxbn.session import StatefulSession, StateDict
+from onnxbn.session import StateDict, StatefulSession
 
 try:
     import onnxruntime

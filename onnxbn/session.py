@@ -20,6 +20,7 @@ from onnx import helper
 
 from onnxbn.contract import SYNC_FLAG, initial_state, state_pairs, sync_pairs
 
+
 class FeedSpec:
     """Name, NumPy dtype and static shape (None for dynamic dims) of a graph input."""
 

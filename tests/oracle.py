@@ -26,6 +26,27 @@ TOLERANCES = {dtype: layer for dtype, (layer, _) in TOLERANCE_TABLE.items()}
 GRAPH_TOLERANCES = {dtype: graph for dtype, (_, graph) in TOLERANCE_TABLE.items()}
 
 
+def batch_moments(x, axis, mask=None):
+    """`(mean, variance)` over every axis but `axis` in float64 (x already float64, axis >= 0).
+
+    Masked: Keras's moments, the mask expanded at its last axis and the sums
+    divided by count + 1e-7. Unmasked over an empty batch: NaN (callers keep
+    their state then).
+    """
+    shape = [1] * x.ndim
+    shape[axis] = x.shape[axis]
+    reduce = tuple(i for i in range(x.ndim) if i != axis)
+    if mask is None:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = x.mean(axis=reduce)
+            return mean, ((x - mean.reshape(shape)) ** 2).mean(axis=reduce)
+    w = np.broadcast_to(np.expand_dims(np.asarray(mask) != 0, -1), x.shape)
+    n = w.sum(axis=reduce).astype(np.float64)
+    mean = np.where(w, x, 0.0).sum(axis=reduce) / (n + KERAS_EPSILON)
+    dev = np.where(w, x - mean.reshape(shape), 0.0)
+    return mean, (dev**2).sum(axis=reduce) / (n + KERAS_EPSILON)
+
+
 def bn_oracle(
     x, *, axis, gamma, beta, moving_mean, moving_variance, momentum, epsilon, training, mask=None
 ):
@@ -42,22 +63,13 @@ def bn_oracle(
     channels = x.shape[axis]
     shape = [1] * x.ndim
     shape[axis] = channels
-    reduce = tuple(i for i in range(x.ndim) if i != axis)
     mm = np.asarray(moving_mean, np.float64)
     mv = np.asarray(moving_variance, np.float64)
     if training and mask is None and x.size == 0:
         # An empty batch has no statistics: the moving ones stay (onnxbn's documented choice).
         mean, var, new_mm, new_mv = mm, mv, mm, mv
     elif training:
-        if mask is None:
-            mean = x.mean(axis=reduce)
-            var = ((x - mean.reshape(shape)) ** 2).mean(axis=reduce)
-        else:
-            w = np.broadcast_to(np.expand_dims(np.asarray(mask) != 0, -1), x.shape)
-            n = w.sum(axis=reduce).astype(np.float64)
-            mean = np.where(w, x, 0.0).sum(axis=reduce) / (n + KERAS_EPSILON)
-            dev = np.where(w, x - mean.reshape(shape), 0.0)
-            var = (dev**2).sum(axis=reduce) / (n + KERAS_EPSILON)
+        mean, var = batch_moments(x, axis, mask)
         new_mm = mm * momentum + mean * (1 - momentum)
         new_mv = mv * momentum + var * (1 - momentum)
     else:
@@ -106,7 +118,6 @@ def renorm_oracle(
     channels = x.shape[axis]
     shape = [1] * x.ndim
     shape[axis] = channels
-    reduce = tuple(i for i in range(x.ndim) if i != axis)
     mm, mv, ms, rm, rs = (
         np.asarray(v, np.float64)
         for v in (moving_mean, moving_variance, moving_stddev, renorm_mean, renorm_stddev)
@@ -116,16 +127,7 @@ def renorm_oracle(
     if not training:
         y = (x - mm.reshape(shape)) / np.sqrt(mv.reshape(shape) + epsilon)
         return y * g.reshape(shape) + b.reshape(shape), mm, mv, ms, rm, rs
-    if mask is None:
-        with np.errstate(invalid="ignore", divide="ignore"):  # N = 0: NaN, never used
-            mean = x.mean(axis=reduce)
-            var = ((x - mean.reshape(shape)) ** 2).mean(axis=reduce)
-    else:
-        w = np.broadcast_to(np.expand_dims(np.asarray(mask) != 0, -1), x.shape)
-        n = w.sum(axis=reduce).astype(np.float64)
-        mean = np.where(w, x, 0.0).sum(axis=reduce) / (n + KERAS_EPSILON)
-        dev = np.where(w, x - mean.reshape(shape), 0.0)
-        var = (dev**2).sum(axis=reduce) / (n + KERAS_EPSILON)
+    mean, var = batch_moments(x, axis, mask)  # N = 0 unmasked: NaN, states kept below
     clipping = renorm_clipping or {}
     s = np.sqrt(var + epsilon)
     s_hat = np.maximum(rs, np.sqrt(epsilon))

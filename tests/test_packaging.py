@@ -6,12 +6,12 @@ import ast
 import shutil
 import subprocess
 import sys
-import tomllib
 import zipfile
 from importlib import metadata
 from pathlib import Path
 
 import pytest
+import tomllib
 
 import onnxbn
 

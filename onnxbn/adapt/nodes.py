@@ -52,6 +52,14 @@ def default_opset(model: onnx.ModelProto) -> int:
     raise ValueError("The model imports no opset of the default ONNX domain.")
 
 
+def value_infos(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
+    """Every typed tensor of the main graph (inputs, outputs, inferred intermediates), by name."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    graph = inferred.graph
+    infos = list(graph.input) + list(graph.value_info) + list(graph.output)
+    return {v.name: v for v in infos if v.type.tensor_type.elem_type}
+
+
 def batch_norm_nodes(model: onnx.ModelProto) -> list[BatchNormNode]:
     """Every BatchNormalization node of the main graph, in graph order, checked.
 

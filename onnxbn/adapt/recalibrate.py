@@ -25,8 +25,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxbn.adapt.nodes import BatchNormNode, batch_norm_nodes
+from onnxbn.adapt.nodes import BatchNormNode, batch_norm_nodes, value_infos
 from onnxbn.contract import load_model
+from onnxbn.distributed import combine_moments
 
 ENGINES = ("onnxruntime", "reference")
 
@@ -35,7 +36,7 @@ class RunningMoments:
     """Per-channel `(count, mean, M2)` over batches, in float64, merged by Chan et al.
 
     Each batch's moments are taken two-pass (mean, then squared deviations from
-    it); batches combine with `M2 = M2_a + M2_b + δ² n_a n_b / n`, never
+    it); batches combine by `onnxbn.distributed.combine_moments`, never
     `E[x²] - E[x]²`.
     """
 
@@ -54,11 +55,9 @@ class RunningMoments:
         mean = x.mean(axis=axes)
         shape = [1, x.shape[1]] + [1] * (x.ndim - 2)
         m2 = np.square(x - mean.reshape(shape)).sum(axis=axes)
-        total = self.count + n
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (n / total)
-        self.m2 = self.m2 + m2 + np.square(delta) * (self.count * n / total)
-        self.count = total
+        self.count, self.mean, self.m2 = combine_moments(
+            (self.count, self.mean, self.m2), (n, mean, m2)
+        )
 
     @property
     def variance(self) -> np.ndarray:
@@ -84,11 +83,12 @@ def depths(model: onnx.ModelProto, nodes: list[BatchNormNode]) -> dict[str, int]
     return result
 
 
-def _probe(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
+def _probe(model: onnx.ModelProto, tensors: list[str], infos: dict) -> onnx.ModelProto:
     """The part of `model` that computes `tensors`, which become its only outputs.
 
     Nodes past the measured tensors are dropped (less work per batch, and the
-    runtime keeps its fusions upstream). Output types come from shape inference.
+    runtime keeps its fusions upstream). Output types come from `infos`
+    (`value_infos` of the model; recalibration changes no shape).
     """
     graph = model.graph
     needed, wanted = [], set(tensors)
@@ -99,9 +99,6 @@ def _probe(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
             for attribute in node.attribute:  # outer-scope names read by subgraphs
                 if attribute.type == onnx.AttributeProto.GRAPH:
                     wanted.update(n for sub in attribute.g.node for n in sub.input)
-    inferred = onnx.shape_inference.infer_shapes(model)
-    infos = {v.name: v for v in list(inferred.graph.value_info) + list(inferred.graph.input)}
-    infos.update({v.name: v for v in inferred.graph.output})
     outputs = [infos.get(name, onnx.ValueInfoProto(name=name)) for name in dict.fromkeys(tensors)]
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
@@ -191,12 +188,14 @@ def recalibrate(
     model = copy.deepcopy(source)
     initializers = {t.name: t for t in model.graph.initializer}
     levels = depths(model, nodes)
+    infos = value_infos(model)
     passes = max(levels.values()) + 1
     from tqdm import tqdm
 
     for level in range(passes):
         measured = [n for n in nodes if levels[n.name] == level]
-        run = _runner(_probe(model, [n.x for n in measured]), engine, [n.x for n in measured])
+        tensors = [n.x for n in measured]
+        run = _runner(_probe(model, tensors, infos), engine, tensors)
         moments: dict[str, RunningMoments] = {}
         seen = 0
         progress = tqdm(batches, desc=f"recalibrate pass {level + 1}/{passes}", disable=None,

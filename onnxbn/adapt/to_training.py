@@ -20,9 +20,18 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxbn.adapt.nodes import BatchNormNode, batch_norm_nodes, default_opset
+from onnxbn.adapt.nodes import BatchNormNode, batch_norm_nodes, default_opset, value_infos
 from onnxbn.contract import INITIAL_STATE_KEY, encode_initial_state, load_model
 from onnxbn.dtypes import standardize_dtype
+from onnxbn.lowering import emit, moments
+from onnxbn.lowering.batch_normalization import (
+    inverse_std,
+    moving_average,
+    normalized,
+    write_updates,
+)
+from onnxbn.lowering.context import LoweringContext, Value
+from onnxbn.model_files import validate
 
 # The opsets the training lowering writes nodes for (the exporter's range floor).
 MIN_OPSET = 13
@@ -38,19 +47,14 @@ def _checked_momentum(momentum: Any) -> float | None:
     return float(momentum)
 
 
-def _ranks(model: onnx.ModelProto) -> dict[str, tuple[str, int | None]]:
-    """`{tensor: (dtype name, rank or None)}` from shape inference."""
-    inferred = onnx.shape_inference.infer_shapes(model)
-    infos = list(inferred.graph.value_info) + list(inferred.graph.input)
-    infos += list(inferred.graph.output)
+def _types(model: onnx.ModelProto) -> dict[str, tuple[str, int | None]]:
+    """`{tensor: (dtype name, rank or None)}` of every typed tensor and initializer."""
     result = {}
-    for info in infos:
+    for name, info in value_infos(model).items():
         tensor_type = info.type.tensor_type
-        if not tensor_type.elem_type:
-            continue
         dtype = standardize_dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
         rank = len(tensor_type.shape.dim) if tensor_type.HasField("shape") else None
-        result[info.name] = (dtype, rank)
+        result[name] = (dtype, rank)
     for tensor in model.graph.initializer:
         dtype = standardize_dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
         result.setdefault(tensor.name, (dtype, len(tensor.dims)))
@@ -59,15 +63,6 @@ def _ranks(model: onnx.ModelProto) -> dict[str, tuple[str, int | None]]:
 
 def _lower(ctx, node: BatchNormNode, types: dict, arrays: dict, momentum: float):
     """Emits the training form of one node into `ctx`; returns the output value."""
-    from onnxbn.lowering import emit, moments
-    from onnxbn.lowering.batch_normalization import (
-        inverse_std,
-        moving_average,
-        normalized,
-        write_updates,
-    )
-    from onnxbn.lowering.context import Value
-
     x_dtype, rank = types[node.x]
     mean0, var0 = arrays[node.mean], arrays[node.var]
     channels = int(mean0.size)
@@ -96,9 +91,6 @@ def _lower(ctx, node: BatchNormNode, types: dict, arrays: dict, momentum: float)
 
 def _param(ctx, name: str, types: dict, channels: int, dtype: str, label: str):
     """The node's scale or B as a `(C,)` value of `dtype`, read from the tensor itself."""
-    from onnxbn.lowering import emit
-    from onnxbn.lowering.context import Value
-
     source, _ = types[name]
     flat = ctx.op(
         "Reshape", [Value(name, source), emit.ints(ctx, [channels], "channels")],
@@ -140,14 +132,13 @@ def to_training(model_or_path: Any, *, momentum: float | None = None) -> onnx.Mo
     if opset < MIN_OPSET:
         raise ValueError(f"to_training reads opsets {MIN_OPSET} and newer; the model has {opset}.")
     nodes = batch_norm_nodes(source)
-    from onnxbn.lowering.context import LoweringContext
-
     model = copy.deepcopy(source)
     graph = model.graph
-    types = _ranks(model)
-    arrays = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    ctx = LoweringContext(opset)
+    types = _types(model)
     running = {n.mean for n in nodes} | {n.var for n in nodes}
+    # Only the running statistics are read as arrays (the other weights stay in the graph).
+    arrays = {t.name: numpy_helper.to_array(t) for t in graph.initializer if t.name in running}
+    ctx = LoweringContext(opset)
     for name in _all_names(graph) - running:  # the running statistics become state inputs
         ctx.reserve(name)
     replaced: dict[int, list[onnx.NodeProto]] = {}
@@ -166,25 +157,19 @@ def to_training(model_or_path: Any, *, momentum: float | None = None) -> onnx.Mo
         replaced[node.index] = ctx.nodes[start:]
     outputs = ctx.state_outputs()
     # The running statistics leave the initializers and become plain state inputs.
-    state_names = set(ctx.state)
-    kept = [t for t in graph.initializer if t.name not in state_names]
+    kept = [t for t in graph.initializer if t.name not in running]
     del graph.initializer[:]
     graph.initializer.extend(kept + ctx.initializers)
     graph.input.extend(ctx.inputs)
-    new_nodes = []
+    new_nodes = []  # every state is written, so state_outputs added no Identity node
     for index, original in enumerate(graph.node):
         new_nodes.extend(replaced.get(index, [original]))
-    new_nodes.extend(ctx.nodes[sum(len(v) for v in replaced.values()) :])  # Identity outputs
     del graph.node[:]
     graph.node.extend(new_nodes)
     graph.output.extend(outputs)
-    initial = {slot.path: slot.initial for slot in ctx.state.values()}
-    helper.set_model_props(
-        model,
-        {**{p.key: p.value for p in model.metadata_props}, INITIAL_STATE_KEY: encode_initial_state(initial)},
-    )
-    from onnxbn.model_files import validate
-
+    props = {p.key: p.value for p in model.metadata_props}
+    props[INITIAL_STATE_KEY] = encode_initial_state(ctx.initial_state())
+    helper.set_model_props(model, props)
     validate(model)
     return model
 

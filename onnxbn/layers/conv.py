@@ -16,8 +16,11 @@ from onnxbn import constraints, initializers, regularizers
 from onnxbn.dtypes import to_numpy_dtype
 from onnxbn.layers import activation as activations
 from onnxbn.layers.arguments import check_bool, check_min_ndim, reject_unsupported
-from onnxbn.layers.conv_arithmetic import conv_output_size, convolve
-from onnxbn.layers.conv_arithmetic import conv_padding  # noqa: F401 - re-exported
+from onnxbn.layers.conv_arithmetic import (
+    conv_output_size,
+    conv_padding,  # noqa: F401 - re-exported
+    convolve,
+)
 from onnxbn.layers.dense import add_kernel_and_bias
 from onnxbn.layers.input_spec import InputSpec
 from onnxbn.layers.layer import BASE_CONFIG_KEYS, Layer

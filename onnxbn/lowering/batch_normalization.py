@@ -45,6 +45,7 @@ from onnxbn.lowering import emit, moments, renormalization
 from onnxbn.lowering.context import LoweringContext, Value
 from onnxbn.lowering.registry import register_lowering
 
+
 @register_lowering(BatchNormalization)
 def lower_batch_normalization(
     ctx: LoweringContext,

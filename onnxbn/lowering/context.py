@@ -293,6 +293,10 @@ class LoweringContext:
             raise ValueError(f"State {path!r} is {slot.dtype}; a rule wrote a {value.dtype} value.")
         slot.current = value
 
+    def initial_state(self) -> dict[str, np.ndarray]:
+        """The starting value of every state input, in input order (`onnxbn:initial_state`)."""
+        return {slot.path: slot.initial for slot in self.state.values()}
+
     def state_outputs(self) -> list[onnx.ValueInfoProto]:
         """Names the final value of every state `<path>/new` and declares the outputs."""
         outputs = []

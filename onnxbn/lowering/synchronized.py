@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from onnxbn.contract import GLOBAL_SUFFIX, PARTIAL_SUFFIX, SYNC_FLAG
 from onnxbn.layers.moments import MASK_EPSILON
 from onnxbn.lowering import emit
 from onnxbn.lowering.context import LoweringContext, Value
-from onnxbn.contract import GLOBAL_SUFFIX, PARTIAL_SUFFIX, SYNC_FLAG
 
 F64 = "float64"
 

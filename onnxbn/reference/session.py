@@ -9,9 +9,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxbn.contract import state_pairs
 from onnxbn.reference.interpreter import Interpreter
 from onnxbn.reference.limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_DEPTH
-from onnxbn.contract import state_pairs
 from onnxbn.session import StatefulSession
 
 

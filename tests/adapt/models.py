@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
@@ -86,6 +87,18 @@ def torch_fixture(name: str) -> onnx.ModelProto:
 
 
 TORCH_FIXTURES = sorted(p.stem for p in TORCH.glob("*.onnx"))
+
+
+def _fixtures():
+    yield pytest.param(lambda: conv_bn_relu_conv_bn(15), id="conv_bn_relu_conv_bn_opset15")
+    yield pytest.param(lambda: conv_bn_relu_conv_bn(18), id="conv_bn_relu_conv_bn_opset18")
+    yield pytest.param(lambda: rank3_bn(18), id="rank3_bn")
+    for name in TORCH_FIXTURES:
+        yield pytest.param(lambda name=name: torch_fixture(name), id=name)
+
+
+# Every model the adaptation tests run on: hand-built graphs and torch.onnx exports.
+FIXTURES = list(_fixtures())
 
 
 def batches_for(model: onnx.ModelProto, count: int, batch: int, seed: int = 0) -> list[dict]:

@@ -21,7 +21,7 @@ from onnxbn.adapt import recalibrate
 from onnxbn.adapt.nodes import batch_norm_nodes
 from onnxbn.adapt.recalibrate import RunningMoments, depths
 from tests.adapt.models import (
-    TORCH_FIXTURES,
+    FIXTURES,
     batches_for,
     bn_nodes,
     conv_bn_relu_conv_bn,
@@ -34,21 +34,13 @@ RTOL, ATOL = 1e-4, 1e-5
 ENGINES = ["onnxruntime", "reference"]
 
 
-def fixtures():
-    yield pytest.param(lambda: conv_bn_relu_conv_bn(15), id="conv_bn_relu_conv_bn_opset15")
-    yield pytest.param(lambda: conv_bn_relu_conv_bn(18), id="conv_bn_relu_conv_bn_opset18")
-    yield pytest.param(lambda: rank3_bn(18), id="rank3_bn")
-    for name in TORCH_FIXTURES:
-        yield pytest.param(lambda name=name: torch_fixture(name), id=name)
-
-
 def statistics(model):
     arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     return {n.name: (arrays[n.input[3]], arrays[n.input[4]]) for n in bn_nodes(model)}
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-@pytest.mark.parametrize("make", list(fixtures()))
+@pytest.mark.parametrize("make", FIXTURES)
 def test_statistics_match_the_float64_oracle(make, engine):
     model = make()
     batches = batches_for(model, 4, 3)
@@ -62,7 +54,7 @@ def test_statistics_match_the_float64_oracle(make, engine):
         assert not np.allclose(got[name][1], statistics(model)[name][1])  # really changed
 
 
-@pytest.mark.parametrize("make", list(fixtures()))
+@pytest.mark.parametrize("make", FIXTURES)
 def test_everything_else_is_unchanged(make):
     model = make()
     result = recalibrate(model, batches_for(model, 2, 2))

@@ -18,11 +18,10 @@ import onnxbn
 from onnxbn.adapt import to_training
 from tests import runtimes
 from tests.adapt.models import (
-    TORCH_FIXTURES,
+    FIXTURES,
     batches_for,
     bn_nodes,
     conv_bn_relu_conv_bn,
-    rank3_bn,
     torch_fixture,
     training_steps,
 )
@@ -30,16 +29,8 @@ from tests.adapt.models import (
 RTOL, ATOL = 2e-4, 2e-5  # float32 activations through several layers against float64
 
 
-def fixtures():
-    yield pytest.param(lambda: conv_bn_relu_conv_bn(15), id="conv_bn_relu_conv_bn_opset15")
-    yield pytest.param(lambda: conv_bn_relu_conv_bn(18), id="conv_bn_relu_conv_bn_opset18")
-    yield pytest.param(lambda: rank3_bn(18), id="rank3_bn")
-    for name in TORCH_FIXTURES:
-        yield pytest.param(lambda name=name: torch_fixture(name), id=name)
-
-
 @pytest.mark.parametrize("runtime", runtimes.RUNTIMES)
-@pytest.mark.parametrize("make", list(fixtures()))
+@pytest.mark.parametrize("make", FIXTURES)
 def test_training_form_matches_the_float64_oracle(make, runtime):
     model = make()
     trained = to_training(model)

@@ -8,8 +8,7 @@ import time
 
 import pytest
 
-from onnxbn.cli import benchmark
-from onnxbn.cli import main
+from onnxbn.cli import benchmark, main
 
 RATIO = re.compile(r"^(\S+)x \((\S+) ms(?:, err (\S+))?\)$")
 

@@ -12,7 +12,6 @@ import pytest
 import onnxbn
 from onnxbn import layers, reference
 from onnxbn.export import export_onnx
-from onnxbn.lowering import moments
 from onnxbn.runtime import Session
 from tests.lowering.test_batch_normalization import (
     SEED,
