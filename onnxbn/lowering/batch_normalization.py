@@ -4,12 +4,9 @@ Inference is one pass over the data: the native BatchNormalization node
 carrying the layer itself (scale = gamma, B = beta, mean and variance = the
 moving statistics, the layer's epsilon), wherever the channel can sit at
 position 1 through a free Reshape/Unsqueeze; a channels-last tensor is viewed as
-`(M, C)` and the output reshaped back. onnxruntime copies on that last Reshape only when it makes a graph
-output, and even then the pair beats Mul+Add broadcasting `[C]` (NHWC
-32x56x56x64, 1 thread: 2.2x memcpy against 3.2x; paired runs of whole exports,
-inference 0.67 and training 0.92 of the Mul+Add time; BatchNormalization then
-Relu: 2.1x, the Reshape free). A MatMul by `diag(s)` then Add is 5x. The data is
-never transposed. Choices measured with `scripts/bench.py` (see the README table).
+`(M, C)` and the output reshaped back; the data is never transposed. The
+native node on that view beats Mul+Add broadcasting `[C]` on onnxruntime (the
+measurements are in `docs/lowering.md`).
 
 Training uses standard ops only (no `training_mode=1`, which onnxruntime's CUDA
 provider rejects and whose CPU kernel can write into the caller's buffers); the
@@ -28,7 +25,8 @@ moments live in `lowering/moments.py`:
    statistics computed in the graph is not portable (tract accepts only
    constant parameters), so the native node is used only with constants;
 5. the moving statistics `moving * momentum + batch * (1 - momentum)` become the
-   `<layer>/moving_*/new` outputs; an empty unmasked batch leaves them unchanged.
+   `<layer>/moving_*/new` outputs (renorm: `lowering/renormalization.py`); an
+   empty unmasked batch leaves them unchanged.
 
 Float16/bfloat16/integer/bool inputs are computed in float32, float64 in
 float64, and the output is cast to the layer's compute dtype, exactly as the
