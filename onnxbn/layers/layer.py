@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from onnxbn import constraints, initializers, regularizers
+from onnxbn.gradients import Pullback
 from onnxbn.dtypes import DTypePolicy, is_float, standardize_dtype, to_numpy_dtype
 from onnxbn.layers.input_spec import InputSpec, assert_input_compatibility
 from onnxbn.operation import Operation, is_symbolic_call
@@ -187,8 +188,36 @@ class Layer(Operation):
         return array
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._dispatch(args, kwargs, vjp=False)
+
+    def call_with_vjp(self, *args: Any, **kwargs: Any) -> tuple[Any, Pullback]:
+        """An eager call that also returns its pullback (see `onnxbn/gradients.py`).
+
+        Call arguments:
+            *args, **kwargs: as for `layer(...)` on arrays.
+
+        Returns:
+            `(outputs, pullback)`: the call's outputs (state updated exactly as
+            `layer(...)` does) and `pullback(dy) -> Gradients`, `dy` being the
+            float64 gradient of the loss with respect to the output.
+
+        Raises:
+            TypeError: a symbolic argument (gradients are eager).
+            NotImplementedError: the layer has no gradient rule.
+        """
+        return self._dispatch(args, kwargs, vjp=True)
+
+    def vjp(self, *args: Any, **kwargs: Any) -> tuple[Any, Pullback]:
+        """The layer's gradient rule: `call` plus its pullback (override in each layer)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} {self.name!r} has no gradient rule, so it cannot be trained."
+        )
+
+    def _dispatch(self, args: tuple, kwargs: dict, vjp: bool) -> Any:
         owner = f"{type(self).__name__} {self.name!r}"
         symbolic = is_symbolic_call(args, kwargs, owner)
+        if symbolic and vjp:
+            raise TypeError(f"{owner}: call_with_vjp runs on arrays, not symbolic tensors.")
         if not args:
             raise TypeError(f"{owner} expects its input as the first positional argument.")
         first = args[0]
@@ -212,7 +241,7 @@ class Layer(Operation):
             self.built = True
             self._build_shape = tuple(first.shape)
         if not symbolic:
-            return self.call(*args, **kwargs)
+            return self.vjp(*args, **kwargs) if vjp else self.call(*args, **kwargs)
         outputs = self.symbolic_call(*args, **kwargs)
         output_mask = self.compute_mask(first, first.mask)
         for tensor in flatten(outputs):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -72,6 +72,25 @@ class StateSlot:
     initial: np.ndarray  # the starting value, kept in the model's metadata
 
 
+@dataclass
+class CallRecord:
+    """One lowered layer call, kept for its gradient rule in a train step.
+
+    Attributes:
+        op: the called operation.
+        operands: the lowered positional arguments.
+        params: the lowered keyword arguments (`training=` resolved).
+        output: the lowered output.
+        saved: intermediates the forward rule kept with `ctx.save(key, value)`.
+    """
+
+    op: Any
+    operands: tuple
+    params: dict
+    output: Any = None
+    saved: dict[str, Any] = field(default_factory=dict)
+
+
 class LoweringContext:
     """Collects nodes, initializers, inputs and state while rules run.
 
@@ -93,6 +112,10 @@ class LoweringContext:
         self._trainings = trainings or {}
         self._names: set[str] = set()
         self._scope = ""
+        # Train step: the paths of the weights carried as state, and the call being lowered.
+        self.trainable_paths: set[str] = set()
+        self.weight_values: dict[str, Value] = {}
+        self.current_call: CallRecord | None = None
 
     # -- naming ---------------------------------------------------------------
     @contextlib.contextmanager
@@ -229,6 +252,29 @@ class LoweringContext:
             for v in outputs
         ]
         return helper.make_graph(nodes, self.fresh(label), [], infos)
+
+    # -- weights and saved intermediates (train step) ---------------------------
+    def weight(self, variable: Any, label: str, dtype: str) -> Value:
+        """A layer weight as a value of `dtype`.
+
+        In a plain export, a constant of the variable's current value. In a
+        train step, a trainable weight is the state input `variable.path` (the
+        variable's dtype), cast to `dtype` when they differ; its gradient is
+        the gradient with respect to the returned value.
+        """
+        if variable.path not in self.trainable_paths:
+            return self.constant(np.asarray(variable.value, dtype=np.float64), label, dtype)
+        value = self.read_state(variable.path, variable.value, variable.dtype)
+        if value.dtype != dtype:
+            value = self.op("Cast", [value], label=label, dtype=dtype, shape=value.shape,
+                            to=onnx_dtype(dtype))
+        return value
+
+    def save(self, key: str, value: Any) -> Any:
+        """Keeps `value` for the gradient rule of the call being lowered; returns it."""
+        if self.current_call is not None:
+            self.current_call.saved[key] = value
+        return value
 
     # -- state ----------------------------------------------------------------
     def trainings(self, op: Any) -> list[bool]:
