@@ -14,7 +14,7 @@ import onnxbn.lowering  # noqa: F401 - registers every lowering rule
 from onnxbn.contract import INITIAL_STATE_KEY, STATE_SUFFIX, encode_initial_state
 from onnxbn.layers.input_layer import InputLayer
 from onnxbn.layers.layer import Layer
-from onnxbn.lowering.context import LoweringContext, Value, onnx_dtype
+from onnxbn.lowering.context import CallRecord, LoweringContext, Value, onnx_dtype
 from onnxbn.lowering.folding import fold_batchnorm_nodes
 from onnxbn.lowering.input_layer import declare_input, input_dims
 from onnxbn.lowering.readable import annotate
@@ -162,23 +162,51 @@ def _export(
 ) -> onnx.ModelProto:
     name, inputs, outputs, nodes = _graph_of(model_or_layer)
     flags = _resolve_trainings(nodes, training)
+    # Inference-mode BN after a Conv/Dense becomes that layer's weights; the
+    # metadata still lists every layer of the model (the folded BN included).
+    lowered = fold_batchnorm_nodes(nodes, flags, outputs) if fold else nodes
+    ctx = LoweringContext(opset, trainings_per_op(nodes, flags))
+    declare_inputs(ctx, inputs)
+    values = lower_nodes(ctx, lowered, flags)
+    graph_outputs = _graph_outputs(ctx, outputs, values)
+    model = build_model(ctx, name, graph_outputs, nodes, training)
+    _set_output_shapes(model, outputs)
+    finish_model(model)
+    return model
+
+
+def trainings_per_op(nodes: list[Node], flags: dict[int, bool]) -> dict[int, list[bool]]:
+    """`{id(op): [training flag of each call]}`, the context's view of `flags`."""
     per_op: dict[int, list[bool]] = {}
     for node in nodes:
         if id(node) in flags:
             per_op.setdefault(id(node.operation), []).append(flags[id(node)])
-    # Inference-mode BN after a Conv/Dense becomes that layer's weights; the
-    # metadata still lists every layer of the model (the folded BN included).
-    lowered = fold_batchnorm_nodes(nodes, flags, outputs) if fold else nodes
-    ctx = LoweringContext(opset, per_op)
-    values: dict[int, Value] = {}
+    return per_op
+
+
+def declare_inputs(ctx: LoweringContext, inputs: list[SymbolicTensor]) -> dict[int, Value]:
+    """Declares the graph inputs, in order; `ctx.values` maps each tensor to its value."""
+    ctx.values = {}
     for tensor in inputs:
         op, _, _ = tensor.history
         if isinstance(op, InputLayer):
             with ctx.scope(op.name):
-                values[id(tensor)] = lookup_lowering(op)(ctx, op)
+                ctx.values[id(tensor)] = lookup_lowering(op)(ctx, op)
         else:
-            values[id(tensor)] = declare_input(ctx, tensor)
-    for node in lowered:
+            ctx.values[id(tensor)] = declare_input(ctx, tensor)
+    return ctx.values
+
+
+def lower_nodes(
+    ctx: LoweringContext, nodes: list[Node], flags: dict[int, bool], records: list | None = None
+) -> dict[int, Value]:
+    """Applies each node's lowering rule in order; returns `{id(tensor): value}`.
+
+    With `records` (a train step), each call's `CallRecord` is appended to it,
+    holding what its forward rule saved for the gradient rule.
+    """
+    values = ctx.values
+    for node in nodes:
         op = node.operation
         if isinstance(op, InputLayer) and all(id(t) in values for t in node.outputs):
             continue
@@ -192,18 +220,33 @@ def _export(
             params["training"] = flags[id(node)]
         scope = op.name if node.index == 0 else f"{op.name}/call_{node.index}"
         rule = lookup_lowering(op)
-        with ctx.scope(scope):
-            result = rule(ctx, op, *operands, **params)
+        record = CallRecord(op, tuple(operands), params) if records is not None else None
+        ctx.current_call = record
+        try:
+            with ctx.scope(scope):
+                result = rule(ctx, op, *operands, **params)
+        finally:
+            ctx.current_call = None
+        outputs = []
         for tensor, value in zip(node.outputs, flatten(result)):
             values[id(tensor)] = _name_output(ctx, value, tensor)
-    graph_outputs = _graph_outputs(ctx, outputs, values)
-    graph_outputs += ctx.state_outputs()
-    graph_outputs += ctx.sync_outputs
+            outputs.append(values[id(tensor)])
+        if record is not None:
+            record.output = outputs[0]
+            records.append((node, record))
+    return values
+
+
+def build_model(
+    ctx: LoweringContext, name: str, graph_outputs: list, nodes: list[Node], training: Any
+) -> onnx.ModelProto:
+    """The ModelProto of a lowered graph: outputs, then state and sync outputs; metadata."""
+    graph_outputs = graph_outputs + ctx.state_outputs() + ctx.sync_outputs
     graph_inputs = ctx.inputs + ctx.sync_inputs
     used = _names_read(ctx.nodes) | {i.name for i in ctx.sync_inputs}
     ctx.initializers[:] = [t for t in ctx.initializers if t.name in used]
     graph = helper.make_graph(ctx.nodes, name, graph_inputs, graph_outputs, ctx.initializers)
-    opset_ids = [helper.make_opsetid("", opset)]
+    opset_ids = [helper.make_opsetid("", ctx.opset)]
     model = helper.make_model(
         graph,
         opset_imports=opset_ids,
@@ -212,12 +255,14 @@ def _export(
         producer_version=_version(),
         doc_string=f"Exported by onnxbn from {name!r}.",
     )
-    _set_output_shapes(model, outputs)
     _set_metadata(model, nodes, training, ctx)
-    # Transposes around element-wise ops cancel first; doc_strings and shapes read the result.
+    return model
+
+
+def finish_model(model: onnx.ModelProto) -> None:
+    """Cancels Transposes around element-wise ops, then adds doc_strings and shapes."""
     cancel_transposes(model.graph)
     annotate(model)
-    return model
 
 
 def _names_read(nodes) -> set[str]:

@@ -13,6 +13,7 @@ from onnxbn.layers.layer import Layer, assign_weights, to_array
 from onnxbn.node import Node
 from onnxbn.operation import Operation
 from onnxbn.tensor import SymbolicTensor
+from onnxbn.trainer import Trainer
 from onnxbn.tree import flatten, map_structure
 from onnxbn.variable import Variable
 
@@ -113,7 +114,7 @@ def _check_unique_names(operations: list[Operation]) -> None:
             )
 
 
-class Model(Operation):
+class Model(Trainer, Operation):
     """A functional model: the graph of calls between `inputs` and `outputs`.
 
     Args:

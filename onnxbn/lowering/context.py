@@ -116,6 +116,7 @@ class LoweringContext:
         self.trainable_paths: set[str] = set()
         self.weight_values: dict[str, Value] = {}
         self.current_call: CallRecord | None = None
+        self.values: dict[int, Value] = {}  # `{id(symbolic tensor): lowered value}`
 
     # -- naming ---------------------------------------------------------------
     @contextlib.contextmanager
