@@ -144,3 +144,31 @@ def agree(comm: Any, dtype: str, error: Exception | None, what: str) -> None:
             f"{what}: processes compute in different dtypes {dtypes} (by rank); "
             "every replica must feed the same dtype."
         )
+
+
+def allreduce_sums(
+    comm: Any, arrays: tuple[np.ndarray, ...], *, what: str
+) -> tuple[np.ndarray, ...]:
+    """Element-wise sums of every process's float64 `arrays`, identical on every process.
+
+    One all-gather; the sums are taken in rank order, so every replica gets
+    bit-identical results (the backward of synchronized statistics needs the
+    global per-channel sums of the incoming gradient).
+
+    Raises:
+        ValueError: the arrays' shapes differ between processes (every
+            process raises; the exchange completes first).
+    """
+    local = tuple(np.asarray(a, dtype=np.float64) for a in arrays)
+    gathered = comm.allgather(local)
+    shapes = [tuple(a.shape for a in part) for part in gathered]
+    if len(set(shapes)) != 1:
+        raise ValueError(
+            f"{what}: processes hold differently shaped sums {shapes} (by rank); "
+            "every replica must call the layer with the same channel size."
+        )
+    totals = [a.copy() for a in gathered[0]]
+    for part in gathered[1:]:
+        for total, a in zip(totals, part):
+            total += a
+    return tuple(totals)

@@ -6,6 +6,7 @@ kernel of the reference interpreter in `onnxbn/reference/kernels/`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +14,7 @@ import numpy as np
 
 from onnxbn.dtypes import to_numpy_dtype
 from onnxbn.layers.arguments import check_bool, check_real
+from onnxbn.layers.batch_normalization_gradient import layer_pullback
 from onnxbn.layers.input_spec import InputSpec
 from onnxbn.layers.layer import Layer, to_array
 from onnxbn.layers.moments import (
@@ -46,6 +48,7 @@ def batch_normalization(
     mask: np.ndarray | None = None,
     compute_dtype: Any = "float32",
     reduce_partial: Callable[[tuple], tuple] | None = None,
+    saved: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The layer's mathematics, with no state: `(y, new_moving_mean, new_moving_variance)`.
 
@@ -66,6 +69,8 @@ def batch_normalization(
         compute_dtype: dtype of `y` and of the returned statistics.
         reduce_partial: optional function mapping this batch's per-channel
             `(count, mean, M2)` to the global one (synchronized layers).
+        saved: optional dict that receives the float64 `mean` and `variance`
+            `y` was normalized with (what the backward needs).
 
     Returns:
         `y` of `x.shape`, and the new moving mean and variance (unchanged in
@@ -83,6 +88,8 @@ def batch_normalization(
             new_mean = mean64 * momentum + batch_mean * (1.0 - momentum)
             new_var = var64 * momentum + batch_var * (1.0 - momentum)
         mean64, var64 = batch_mean, batch_var
+    if saved is not None:
+        saved.update(mean=mean64, variance=var64)
     shape = [1] * ndim
     shape[axis] = x.shape[axis]
     inv = 1.0 / np.sqrt(var64 + epsilon)
@@ -282,6 +289,14 @@ class BatchNormalization(Layer):
         return bool(training) and self.trainable
 
     def call(self, inputs: np.ndarray, training: Any = None, mask: Any = None) -> np.ndarray:
+        return self._forward(inputs, training, mask)
+
+    def vjp(self, inputs: np.ndarray, training: Any = None, mask: Any = None) -> tuple:
+        """`call` and its pullback (synchronized: every process calls it; it exchanges sums)."""
+        saved: dict[str, Any] = {}
+        return self._forward(inputs, training, mask, saved), layer_pullback(self, inputs, saved)
+
+    def _forward(self, inputs: np.ndarray, training: Any, mask: Any, saved: Any = None) -> Any:
         if training is not None and not isinstance(training, (bool, np.bool_)):
             raise TypeError(f"training must be a bool or None, received {training!r}.")
         x = inputs
@@ -306,9 +321,7 @@ class BatchNormalization(Layer):
 
             self._agree(comm, compute, None)
             what = f"BatchNormalization {self.name!r}"
-            reduce_partial = lambda partial: distributed.allreduce_moments(  # noqa: E731
-                comm, partial, what=what
-            )
+            reduce_partial = functools.partial(distributed.allreduce_moments, comm, what=what)
         arguments = dict(
             axis=self.axis,
             moving_mean=self.moving_mean.value,
@@ -321,7 +334,12 @@ class BatchNormalization(Layer):
             mask=mask if training else None,
             compute_dtype=compute,
             reduce_partial=reduce_partial,
+            saved=saved,
         )
+        if saved is not None:  # for the pullback, with the statistics the function adds
+            saved.update(
+                training=training, comm=comm, mask=arguments["mask"], gamma=arguments["gamma"]
+            )
         if self.renorm:
             y, *new_states = batch_renormalization(
                 x,

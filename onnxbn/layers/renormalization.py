@@ -215,6 +215,7 @@ def batch_renormalization(
     mask: np.ndarray | None = None,
     compute_dtype: Any = "float32",
     reduce_partial: Callable[[tuple], tuple] | None = None,
+    saved: dict | None = None,
 ) -> RenormResult:
     """Batch renormalization's mathematics, with no state (the semantic reference).
 
@@ -240,6 +241,9 @@ def batch_renormalization(
         reduce_partial: optional function mapping this batch's per-channel
             `(count, mean, M2)` to the global one (synchronized layers): the
             global moments then feed `s`, `r`, `d` and every update.
+        saved: optional dict that receives the float64 `mean` and `variance`
+            `y` was normalized with and, in training, `r` and `d` (what the
+            backward needs).
 
     Returns:
         A `RenormResult`: `y` of `x.shape`, then the five states in Keras's
@@ -268,6 +272,8 @@ def batch_renormalization(
             renorm_clipping=renorm_clipping,
         )
         scale, offset = r * g, d * g + b
+        if saved is not None:
+            saved.update(r=r, d=d)
         if has_statistics:
             states = _updated_states(
                 states, mean, variance, momentum, renorm_momentum, epsilon, out
@@ -275,6 +281,8 @@ def batch_renormalization(
     else:
         mean, variance = states[0], states[1]
         scale, offset = g, b
+    if saved is not None:
+        saved.update(mean=mean, variance=variance)
     with np.errstate(invalid="ignore", divide="ignore"):  # poisoned channels give NaN, as Keras
         inv = scale / np.sqrt(variance + epsilon)
         y = (np.asarray(x, np.float64) - mean.reshape(shape)) * inv.reshape(shape)
