@@ -26,6 +26,8 @@ from onnxbn.serialization import (
 REGULARIZERS: Registry[str, type] = Registry("regularizer")
 MODULE = "keras.regularizers"
 MODULES = frozenset({MODULE, "keras.src.regularizers", "keras.src.regularizers.regularizers"})
+# OrthogonalRegularizer caps inverse norms at 1 / epsilon (Keras's `normalize`).
+_INV_EPSILON = 1.0 / 1e-7
 
 
 def validate_float_arg(value: Any, name: str) -> float:
@@ -74,6 +76,14 @@ class Regularizer:
     def __call__(self, x: Any) -> np.float64:
         return np.float64(0.0)
 
+    def gradient(self, x: Any) -> np.ndarray:
+        """The gradient of the penalty with respect to `x`, in float64.
+
+        Where the penalty has a kink (`abs` at 0), the gradient there is 0,
+        as the backends' `sign` gives.
+        """
+        return np.zeros(np.shape(_as_float64(x)))
+
     def get_config(self) -> dict:
         """Returns the constructor arguments as a JSON-simple dict."""
         raise NotImplementedError(f"{type(self).__name__} does not implement get_config().")
@@ -113,6 +123,15 @@ class L1L2(Regularizer):
             penalty += self.l2 * np.sum(np.square(x))
         return np.float64(penalty)
 
+    def gradient(self, x: Any) -> np.ndarray:
+        x = _as_float64(x)
+        grad = np.zeros(x.shape)
+        if self.l1 != 0.0:
+            grad += self.l1 * np.sign(x)
+        if self.l2 != 0.0:
+            grad += 2.0 * self.l2 * x
+        return grad
+
     def get_config(self) -> dict:
         return {"l1": self.l1, "l2": self.l2}
 
@@ -131,6 +150,9 @@ class L1(Regularizer):
     def __call__(self, x: Any) -> np.float64:
         return np.float64(self.l1 * np.sum(np.abs(_as_float64(x))))
 
+    def gradient(self, x: Any) -> np.ndarray:
+        return self.l1 * np.sign(_as_float64(x))
+
     def get_config(self) -> dict:
         return {"l1": self.l1}
 
@@ -148,6 +170,9 @@ class L2(Regularizer):
 
     def __call__(self, x: Any) -> np.float64:
         return np.float64(self.l2 * np.sum(np.square(_as_float64(x))))
+
+    def gradient(self, x: Any) -> np.ndarray:
+        return 2.0 * self.l2 * _as_float64(x)
 
     def get_config(self) -> dict:
         return {"l2": self.l2}
@@ -170,32 +195,64 @@ class OrthogonalRegularizer(Regularizer):
         self.factor = validate_float_arg(factor, name="factor")
         self.mode = require_choice(mode, "mode", ("rows", "columns"))
 
-    def __call__(self, x: Any) -> np.float64:
+    def _rows(self, x: Any) -> np.ndarray:
+        """The weight as float64 rows to orthogonalize (columns transposed)."""
         x = _as_float64(x)
         if x.ndim != 2:
             raise ValueError(
                 "Inputs to OrthogonalRegularizer must have rank 2. Received: "
                 f"inputs.shape={x.shape}"
             )
-        shape = x.shape
-        if self.mode == "columns":
-            x = x.T
-        size = x.shape[0]
-        if size < 2:
+        rows = x.T if self.mode == "columns" else x
+        if rows.shape[0] < 2:
             # Keras divides by zero pairs here (NaN); refuse instead.
             raise ValueError(
                 f"OrthogonalRegularizer(mode={self.mode!r}) needs at least 2 "
-                f"{self.mode}. Received: inputs.shape={shape}"
+                f"{self.mode}. Received: inputs.shape={x.shape}"
             )
+        return rows
+
+    def _forward(self, rows: np.ndarray) -> tuple[np.ndarray, ...]:
+        """`(uncapped, inverse norms, normalized rows, their Gram matrix)`.
+
+        `uncapped` marks the rows whose inverse norm is below the cap.
+        """
         # Keras's `normalize`: x * min(rsqrt(sum(x^2)), 1 / epsilon).
-        square_sum = np.sum(np.square(x), axis=1, keepdims=True)
+        square_sum = np.sum(np.square(rows), axis=1, keepdims=True)
         with np.errstate(divide="ignore"):
-            inv_norm = np.minimum(1.0 / np.sqrt(square_sum), 1.0 / 1e-7)
-        x = x * inv_norm
-        product = x @ x.T
+            rsqrt = 1.0 / np.sqrt(square_sum)
+        uncapped = rsqrt < _INV_EPSILON
+        normalized = rows * np.where(uncapped, rsqrt, _INV_EPSILON)
+        return (
+            uncapped,
+            np.where(uncapped, rsqrt, _INV_EPSILON),
+            normalized,
+            normalized @ normalized.T,
+        )
+
+    def _scale(self, size: int) -> float:
+        # factor * 0.5 * mean over the n * (n - 1) / 2 pairs.
+        return self.factor * 0.5 / (size * (size - 1.0) / 2.0)
+
+    def __call__(self, x: Any) -> np.float64:
+        rows = self._rows(x)
+        size = rows.shape[0]
+        *_, product = self._forward(rows)
         off_diagonal = product * (1.0 - np.eye(size))
-        num_pairs = size * (size - 1.0) / 2.0
-        return np.float64(self.factor * 0.5 * np.sum(np.abs(off_diagonal)) / num_pairs)
+        return np.float64(self._scale(size) * np.sum(np.abs(off_diagonal)))
+
+    def gradient(self, x: Any) -> np.ndarray:
+        rows = self._rows(x)
+        size = rows.shape[0]
+        uncapped, scale, normalized, product = self._forward(rows)
+        # d/dP of the sum of |P_ij| off the diagonal; P = Y Y^T is symmetric.
+        d_product = self._scale(size) * np.sign(product) * (1.0 - np.eye(size))
+        d_normalized = 2.0 * d_product @ normalized
+        # Y = x * r with r = |x|^-1 (a constant where capped): the projection
+        # of dY off each row's direction, scaled by r.
+        radial = np.sum(d_normalized * normalized, axis=1, keepdims=True)
+        grad = scale * (d_normalized - np.where(uncapped, radial, 0.0) * normalized)
+        return grad.T if self.mode == "columns" else grad
 
     def get_config(self) -> dict:
         return {"factor": self.factor, "mode": self.mode}

@@ -192,3 +192,64 @@ def test_deserialize_errors():
     assert math.isclose(
         regularizers.deserialize({"class_name": "L1", "config": {"l1": 1}})([-2.0]), 2.0
     )
+
+
+def _central_differences(penalty, x, step=1e-6):
+    grad = np.zeros_like(x)
+    for index in np.ndindex(x.shape):
+        up, down = x.copy(), x.copy()
+        up[index] += step
+        down[index] -= step
+        grad[index] = (penalty(up) - penalty(down)) / (2 * step)
+    return grad
+
+
+@pytest.mark.parametrize(
+    "regularizer",
+    [
+        L1(0.3),
+        L2(0.1),
+        L1L2(0.01, 0.2),
+        L1L2(l2=0.5),
+        L1L2(l1=0.5),
+        L1L2(),
+        OrthogonalRegularizer(0.2, "rows"),
+        OrthogonalRegularizer(0.7, "columns"),
+    ],
+    ids=repr,
+)
+def test_gradient_matches_central_differences(regularizer):
+    # Entries kept away from 0, so no finite difference straddles |x|'s kink.
+    x = _weights("float64", seed=3)
+    x = np.where(np.abs(x) < 0.1, 0.5, x)
+    grad = regularizer.gradient(x)
+    assert grad.dtype == np.float64 and grad.shape == x.shape
+    expected = _central_differences(regularizer, x)
+    np.testing.assert_allclose(grad, expected, rtol=1e-6, atol=1e-9)
+    if isinstance(regularizer, OrthogonalRegularizer) or regularizer(x) == 0:
+        return
+    assert np.any(grad != 0)
+
+
+def test_gradient_at_kinks_and_of_other_dtypes():
+    assert np.array_equal(L1(2.0).gradient([-3, 0, 4]), [-2.0, 0.0, 2.0])
+    assert np.array_equal(L1L2(1.0, 1.0).gradient(np.zeros(2, np.float16)), [0.0, 0.0])
+    assert L2(0.5).gradient(np.float32([1.5])).dtype == np.float64
+
+
+def test_orthogonal_gradient_of_a_near_zero_row_is_capped_like_the_penalty():
+    # A row with inverse norm above 1/epsilon is scaled by the constant cap,
+    # so its gradient is the cap times the gradient of the normalized row.
+    x = np.array([[1e-9, 2e-9, -1e-9], [1.0, 0.5, -0.3], [0.2, -1.0, 0.4]])
+    regularizer = OrthogonalRegularizer(0.5)
+    expected = _central_differences(regularizer, x, step=1e-12)
+    np.testing.assert_allclose(regularizer.gradient(x)[0], expected[0], rtol=1e-5)
+    np.testing.assert_allclose(
+        regularizer.gradient(x)[1:], _central_differences(regularizer, x)[1:], rtol=1e-6
+    )
+
+
+def test_orthogonal_gradient_vanishes_on_orthonormal_rows():
+    assert np.array_equal(OrthogonalRegularizer(1.0).gradient(np.eye(3)), np.zeros((3, 3)))
+    with pytest.raises(ValueError, match="rank 2"):
+        OrthogonalRegularizer().gradient(np.ones(3))
