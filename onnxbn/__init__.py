@@ -27,6 +27,8 @@ _PUBLIC: dict[str, tuple[str, str | None]] = {
     "export_onnx": ("onnxbn.export", "export_onnx"),
     "initial_state": ("onnxbn.contract", "initial_state"),
     "layers": ("onnxbn.layers", None),
+    "losses": ("onnxbn.losses", None),
+    "optimizers": ("onnxbn.optimizers", None),
     "recalibrate": ("onnxbn.adapt.recalibrate", "recalibrate"),
     "reference": ("onnxbn.reference", None),
     "reset_names": ("onnxbn.naming", "reset_names"),

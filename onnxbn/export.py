@@ -42,6 +42,7 @@ def export_onnx(
     training: bool | None = None,
     opset: int | None = None,
     fold_batchnorm: bool = True,
+    train_step: bool = False,
 ) -> onnx.ModelProto:
     """Exports a model (or a called layer) to ONNX.
 
@@ -68,6 +69,12 @@ def export_onnx(
         fold_batchnorm: fold an inference-mode BatchNormalization into the
             Conv/Dense that is its only producer (False keeps it separate); the
             rules are in `onnxbn/lowering/folding.py`.
+        train_step: export the compiled model's whole train step instead
+            (forward, loss, gradients, optimizer update; `model.compile` first):
+            inputs are the model's inputs, the targets (`y_true`, or `y_true_<i>`
+            per output), then the state (trainable weights, BatchNormalization
+            statistics, optimizer variables); outputs are `loss` and each state's
+            `/new`. See `onnxbn/lowering/train_step.py`.
 
     Returns:
         The `onnx.ModelProto`; it passes `onnx.checker.check_model(full_check=True)`
@@ -84,7 +91,12 @@ def export_onnx(
         raise TypeError(f"training must be True, False or None, received {training!r}.")
     if not isinstance(fold_batchnorm, (bool, np.bool_)):
         raise TypeError(f"fold_batchnorm must be a bool, received {fold_batchnorm!r}.")
-    model = _export(model_or_layer, training, opset, fold=bool(fold_batchnorm))
+    if not isinstance(train_step, (bool, np.bool_)):
+        raise TypeError(f"train_step must be a bool, received {train_step!r}.")
+    if train_step:
+        model = _export_train_step(model_or_layer, training, opset)
+    else:
+        model = _export(model_or_layer, training, opset, fold=bool(fold_batchnorm))
     validate(model)
     if path is not None:
         write_atomic(model, path)
@@ -175,6 +187,20 @@ def _export(
     return model
 
 
+def _export_train_step(model: Any, training: bool | None, opset: int) -> onnx.ModelProto:
+    from onnxbn.lowering.train_step import export_train_step
+    from onnxbn.model import Model
+
+    if not isinstance(model, Model):
+        raise TypeError(
+            f"export_onnx(..., train_step=True) needs a compiled onnxbn.Model, received "
+            f"{type(model).__name__}."
+        )
+    if training is False:
+        raise ValueError("A train step runs the model with training=True; do not pass training=False.")
+    return export_train_step(model, opset)
+
+
 def trainings_per_op(nodes: list[Node], flags: dict[int, bool]) -> dict[int, list[bool]]:
     """`{id(op): [training flag of each call]}`, the context's view of `flags`."""
     per_op: dict[int, list[bool]] = {}
@@ -231,6 +257,10 @@ def lower_nodes(
         for tensor, value in zip(node.outputs, flatten(result)):
             values[id(tensor)] = _name_output(ctx, value, tensor)
             outputs.append(values[id(tensor)])
+            if record is not None:  # what the rule saved under the old name
+                for key, saved in record.saved.items():
+                    if isinstance(saved, Value) and saved.name == value.name:
+                        record.saved[key] = Value(values[id(tensor)].name, saved.dtype, saved.shape)
         if record is not None:
             record.output = outputs[0]
             records.append((node, record))
