@@ -22,8 +22,9 @@ from onnxbn.dtypes import is_float
 from onnxbn.layers import activation as activations
 from onnxbn.layers.activation import Activation, ReLU
 from onnxbn.lowering import emit
-from onnxbn.lowering.context import LoweringContext, Value
-from onnxbn.lowering.registry import register_lowering
+from onnxbn.gradients import Gradients
+from onnxbn.lowering.context import CallRecord, LoweringContext, Value
+from onnxbn.lowering.registry import register_gradient, register_lowering
 
 # ONNX op of each argument-free activation (linear has none).
 _ELEMENTWISE = {
@@ -95,6 +96,97 @@ def apply_activation(ctx: LoweringContext, fn: Callable[..., Any], x: Value) -> 
     return ctx.op(op_type, [x], label=op_type.lower(), shape=x.shape)
 
 
+def activation_gradient(
+    ctx: LoweringContext, fn: Callable[..., Any], dy: Value, z: Value, y: Value
+) -> Value:
+    """The gradient with respect to `z` of `y = fn(z)`, given `dy` (all in one dtype).
+
+    Args:
+        ctx: the lowering context.
+        fn: one of `onnxbn.layers.activation`'s functions, as `apply_activation` took it.
+        dy: gradient with respect to `y`.
+        z: the activation's input.
+        y: its output (what `apply_activation` returned).
+
+    Returns:
+        `dy * fn'(z)`; softmax (last axis) `y * (dy - sum(dy * y))`. The derivative
+        of relu at 0 is taken as 0.
+
+    Raises:
+        ValueError: a function with no lowering.
+    """
+    if fn is activations.linear:
+        return dy
+    if fn is activations.relu:
+        return relu_gradient(ctx, dy, z)
+    if fn is activations.sigmoid:
+        one = emit.scalar(ctx, 1.0, y.dtype, "one")
+        slope = ctx.op("Mul", [y, ctx.op("Sub", [one, y], label="one_minus")], label="slope")
+    elif fn is activations.tanh:
+        one = emit.scalar(ctx, 1.0, y.dtype, "one")
+        slope = ctx.op("Sub", [one, ctx.op("Mul", [y, y], label="squared")], label="slope")
+    elif fn is activations.softmax:
+        weighted = ctx.op("Mul", [dy, y], label="weighted", shape=y.shape)
+        total = emit.reduce(ctx, "ReduceSum", weighted, [-1], keepdims=True, label="dot")
+        centered = ctx.op("Sub", [dy, total], label="centered", shape=y.shape)
+        return ctx.op("Mul", [y, centered], label="d_softmax", shape=y.shape)
+    else:
+        raise ValueError(
+            f"Activation {getattr(fn, '__name__', fn)!r} has no gradient lowering; supported: "
+            f"{sorted(activations.ACTIVATIONS)}."
+        )
+    return ctx.op("Mul", [dy, slope], label="d_activation", shape=dy.shape)
+
+
+def relu_gradient(
+    ctx: LoweringContext,
+    dy: Value,
+    x: Value,
+    *,
+    negative_slope: float = 0.0,
+    max_value: float | None = None,
+    threshold: float = 0.0,
+) -> Value:
+    """The gradient of `relu` (same arguments) with respect to `x`, given `dy`.
+
+    `dy` where `threshold < x < max_value`, `negative_slope * dy` where
+    `x < threshold`, 0 elsewhere (the kinks count as flat).
+    """
+    dtype = x.dtype
+    limit = emit.scalar(ctx, threshold, dtype, "threshold")
+    passed = ctx.op("Greater", [x, limit], label="passed", dtype="bool")
+    if max_value is not None:
+        below_max = ctx.op(
+            "Less", [x, emit.scalar(ctx, max_value, dtype, "max")], label="unclipped", dtype="bool"
+        )
+        passed = ctx.op("And", [passed, below_max], label="passed", dtype="bool")
+    zero = emit.scalar(ctx, 0.0, dtype, "zero")
+    dx = ctx.op("Where", [passed, dy, zero], label="d_relu", dtype=dtype, shape=dy.shape)
+    if negative_slope == 0:
+        return dx
+    below = ctx.op("Less", [x, limit], label="below", dtype="bool")
+    leak = ctx.op("Mul", [dy, emit.scalar(ctx, negative_slope, dtype, "slope")], label="leak")
+    return ctx.op("Add", [dx, ctx.op("Where", [below, leak, zero], label="leaked")],
+                  label="d_relu", shape=dy.shape)  # fmt: skip
+
+
+def gradient_input(ctx: LoweringContext, op: Any, dy: Value) -> Value:
+    """The output gradient `dy` in the layer's working dtype."""
+    return emit.cast(ctx, dy, working_dtype(op.compute_dtype), label="dy")
+
+
+def operand_gradient(ctx: LoweringContext, g: Value, x: Value) -> Value | None:
+    """`g` as the gradient of operand `x`: in `x`'s dtype; None for a non-float operand."""
+    if not is_float(x.dtype):
+        return None
+    return new_value(ctx, emit.cast(ctx, g, x.dtype, label="dx"), x)
+
+
+def trainable(ctx: LoweringContext, variable: Any) -> bool:
+    """True when `variable` is a train-step state input, so its gradient is wanted."""
+    return variable is not None and variable.path in ctx.trainable_paths
+
+
 def relu(
     ctx: LoweringContext,
     x: Value,
@@ -158,14 +250,27 @@ def relu(
 @register_lowering(Activation)
 def lower_activation(ctx: LoweringContext, op: Activation, x: Value) -> Value:
     """`activation(x)` in the working dtype, returned in the compute dtype."""
-    y = apply_activation(ctx, op.activation, layer_input(ctx, op, x))
+    h = ctx.save("input", layer_input(ctx, op, x))
+    y = ctx.save("output", apply_activation(ctx, op.activation, h))
     return new_value(ctx, layer_output(ctx, op, y), x)
+
+
+@register_gradient(Activation)
+def activation_layer_gradient(
+    ctx: LoweringContext, op: Activation, call: CallRecord, dy: Value
+) -> Gradients:
+    """`dy * activation'(x)`, in the input's dtype."""
+    saved = call.saved
+    g = activation_gradient(
+        ctx, op.activation, gradient_input(ctx, op, dy), saved["input"], saved["output"]
+    )
+    return Gradients((operand_gradient(ctx, g, call.operands[0]),))
 
 
 @register_lowering(ReLU)
 def lower_relu(ctx: LoweringContext, op: ReLU, x: Value) -> Value:
     """Keras's `ReLU` layer: `relu` with the layer's slope, ceiling and threshold."""
-    h = layer_input(ctx, op, x)
+    h = ctx.save("input", layer_input(ctx, op, x))
     y = relu(
         ctx,
         h,
@@ -174,3 +279,17 @@ def lower_relu(ctx: LoweringContext, op: ReLU, x: Value) -> Value:
         threshold=op.threshold,
     )
     return layer_output(ctx, op, y)
+
+
+@register_gradient(ReLU)
+def relu_layer_gradient(ctx: LoweringContext, op: ReLU, call: CallRecord, dy: Value) -> Gradients:
+    """`dy` times the slope of the layer's `relu` at the input, in the input's dtype."""
+    g = relu_gradient(
+        ctx,
+        gradient_input(ctx, op, dy),
+        call.saved["input"],
+        negative_slope=op.negative_slope,
+        max_value=op.max_value,
+        threshold=op.threshold,
+    )
+    return Gradients((operand_gradient(ctx, g, call.operands[0]),))

@@ -85,21 +85,26 @@ def gradient_model(
     dy_value = declare("dy", np.asarray(dy, dtype=feeds_dtype(y.dtype)))
     with ctx.scope(op.name + "/grad"):
         grads = lookup_gradient(op)(ctx, op, call, dy_value)
-    outputs = [(y, "y")]
+    # Each output declares the shape of what it is a gradient of (the checker wants one).
+    outputs = [(y, "y", _dims(feeds["dy"], dynamic_batch))]
     for i, g in enumerate(grads.inputs):
         if isinstance(g, (list, tuple)):
-            outputs += [(gj, f"grad/arg{i}_{j}") for j, gj in enumerate(g) if gj is not None]
+            outputs += [
+                (gj, f"grad/arg{i}_{j}", _dims(feeds[f"arg{i}_{j}"], dynamic_batch))
+                for j, gj in enumerate(g)
+                if gj is not None
+            ]
         elif g is not None:
-            outputs.append((g, f"grad/arg{i}"))
+            outputs.append((g, f"grad/arg{i}", _dims(feeds[f"arg{i}"], dynamic_batch)))
+    shapes = {v.path: list(v.shape) for v in op.trainable_weights}
     for path in sorted(grads.weights):
-        outputs.append((grads.weights[path], f"grad/{path}"))
+        outputs.append((grads.weights[path], f"grad/{path}", shapes[path]))
     state_infos = ctx.state_outputs()  # may rename a state's last value: before reading names
     nodes = list(ctx.nodes)
     infos = []
-    for value, name in outputs:
-        source = value.name
-        nodes.append(helper.make_node("Identity", [source], [name], name=name))
-        infos.append(helper.make_tensor_value_info(name, onnx_dtype(value.dtype), None))
+    for value, name, dims in outputs:
+        nodes.append(helper.make_node("Identity", [value.name], [name], name=name))
+        infos.append(helper.make_tensor_value_info(name, onnx_dtype(value.dtype), dims))
     for path, value in ctx.initial_state().items():
         feeds[path] = value
     graph = helper.make_graph(
@@ -110,7 +115,7 @@ def gradient_model(
         graph, opset_imports=opsets, ir_version=helper.find_min_ir_version_for(opsets)
     )
     onnx.checker.check_model(model, full_check=True)
-    names = [name for _, name in outputs] + [i.name for i in state_infos]
+    names = [name for _, name, _ in outputs] + [i.name for i in state_infos]
     return model, feeds, names
 
 
