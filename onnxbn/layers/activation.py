@@ -2,8 +2,9 @@
 
 The functions compute in float64 and return the input's float dtype (float32
 for integer or bool inputs), so a layer can apply them to its float64
-pre-activation and round once. How they become ONNX lives in
-`onnxbn/lowering/activation.py`.
+pre-activation and round once; `apply_with_vjp` gives that float64 result
+with its pullback, which the layers' gradient rules share. How they become
+ONNX lives in `onnxbn/lowering/activation.py`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from onnxbn.dtypes import is_float, to_numpy_dtype
+from onnxbn.gradients import Gradients, Pullback
 from onnxbn.layers.layer import Layer
 from onnxbn.operation_registry import register_layer
 from onnxbn.tensor import SymbolicTensor
@@ -33,6 +35,51 @@ def _float64(x: Any) -> tuple[np.ndarray, np.dtype]:
     return x.astype(np.float64), out
 
 
+# `dy -> dx` of one activation call, both float64.
+ActivationPullback = Callable[[np.ndarray], np.ndarray]
+
+
+def _rounded(kernel: Callable[..., tuple], x: Any, **params: Any) -> np.ndarray:
+    """`kernel`'s float64 result for `x`, returned in `x`'s float dtype."""
+    x64, out = _float64(x)
+    return kernel(x64, out, **params)[0].astype(out)
+
+
+def _relu(
+    x64: np.ndarray,
+    dtype: np.dtype,
+    negative_slope: float = 0.0,
+    max_value: float | None = None,
+    threshold: float = 0.0,
+) -> tuple[np.ndarray, ActivationPullback]:
+    # Keras casts the threshold to the data's dtype: float32 data equal to float32(0.1)
+    # is not above a threshold of 0.1, though it is above float64(0.1).
+    threshold = float(dtype.type(threshold))
+    with np.errstate(invalid="ignore", over="ignore"):
+        if threshold != 0:
+            # Keras multiplies by the comparison, so NaN and -inf below it give NaN.
+            y = x64 * (x64 > threshold)
+        else:
+            y = np.maximum(x64, 0.0)
+        if max_value is not None:
+            y = np.clip(y, 0.0, float(max_value))
+        if negative_slope != 0:
+            y = y - negative_slope * np.maximum(threshold - x64, 0.0)
+
+    def pullback(dy: np.ndarray) -> np.ndarray:
+        # At a kink, the slope of the piece the documented formula picks there:
+        # saturated at x >= max_value, damped at x <= threshold.
+        rising = x64 > threshold
+        if max_value is not None:  # the clip to [0, max_value] passes only its inside
+            rising &= (x64 > 0.0) & (x64 < float(max_value))
+        dx = np.where(rising, dy, 0.0)
+        if negative_slope != 0:
+            dx = dx + np.where(x64 <= threshold, negative_slope * dy, 0.0)
+        return dx
+
+    return y, pullback
+
+
 def relu(
     x: Any, negative_slope: float = 0.0, max_value: float | None = None, threshold: float = 0.0
 ) -> np.ndarray:
@@ -48,52 +95,55 @@ def relu(
     Returns:
         An array of `x`'s shape and float dtype.
     """
-    x64, out = _float64(x)
-    # Keras casts the threshold to the data's dtype: float32 data equal to float32(0.1)
-    # is not above a threshold of 0.1, though it is above float64(0.1).
-    threshold = float(out.type(threshold))
-    with np.errstate(invalid="ignore", over="ignore"):
-        if threshold != 0:
-            # Keras multiplies by the comparison, so NaN and -inf below it give NaN.
-            y = x64 * (x64 > threshold)
-        else:
-            y = np.maximum(x64, 0.0)
-        if max_value is not None:
-            y = np.clip(y, 0.0, float(max_value))
-        if negative_slope != 0:
-            y = y - negative_slope * np.maximum(threshold - x64, 0.0)
-    return y.astype(out)
+    return _rounded(
+        _relu, x, negative_slope=negative_slope, max_value=max_value, threshold=threshold
+    )
+
+
+def _sigmoid(x64: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, ActivationPullback]:
+    e = np.exp(-np.abs(x64))
+    y = np.where(x64 >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    return y, lambda dy: dy * y * (1.0 - y)
 
 
 def sigmoid(x: Any) -> np.ndarray:
     """`1 / (1 + exp(-x))`, evaluated without overflow."""
-    x64, out = _float64(x)
-    e = np.exp(-np.abs(x64))
-    y = np.where(x64 >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
-    return y.astype(out)
+    return _rounded(_sigmoid, x)
+
+
+def _tanh(x64: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, ActivationPullback]:
+    y = np.tanh(x64)
+    return y, lambda dy: dy * (1.0 - y * y)
 
 
 def tanh(x: Any) -> np.ndarray:
     """Hyperbolic tangent."""
-    x64, out = _float64(x)
-    return np.tanh(x64).astype(out)
+    return _rounded(_tanh, x)
+
+
+def _linear(x64: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, ActivationPullback]:
+    return x64, lambda dy: dy
 
 
 def linear(x: Any) -> np.ndarray:
     """Identity (Keras's `linear`; what `activation=None` means)."""
-    x64, out = _float64(x)
-    return x64.astype(out)
+    return _rounded(_linear, x)
 
 
-def softmax(x: Any, axis: int = -1) -> np.ndarray:
-    """`exp(x) / sum(exp(x))` along `axis`, shifted by the maximum for stability."""
-    x64, out = _float64(x)
+def _softmax(
+    x64: np.ndarray, dtype: np.dtype, axis: int = -1
+) -> tuple[np.ndarray, ActivationPullback]:
     if x64.ndim == 0:
         raise ValueError("softmax needs an input of rank >= 1, received a scalar.")
     with np.errstate(invalid="ignore", over="ignore"):
         e = np.exp(x64 - np.max(x64, axis=axis, keepdims=True))
         y = e / np.sum(e, axis=axis, keepdims=True)
-    return y.astype(out)
+    return y, lambda dy: y * (dy - np.sum(dy * y, axis=axis, keepdims=True))
+
+
+def softmax(x: Any, axis: int = -1) -> np.ndarray:
+    """`exp(x) / sum(exp(x))` along `axis`, shifted by the maximum for stability."""
+    return _rounded(_softmax, x, axis=axis)
 
 
 ACTIVATIONS: dict[str, Callable[..., np.ndarray]] = {
@@ -103,6 +153,37 @@ ACTIVATIONS: dict[str, Callable[..., np.ndarray]] = {
     "softmax": softmax,
     "tanh": tanh,
 }
+
+# Each function's float64 computation with its pullback; the functions above round it.
+_KERNELS: dict[str, Callable[..., tuple[np.ndarray, ActivationPullback]]] = {
+    "linear": _linear,
+    "relu": _relu,
+    "sigmoid": _sigmoid,
+    "softmax": _softmax,
+    "tanh": _tanh,
+}
+
+
+def apply_with_vjp(
+    fn: Callable[..., np.ndarray], x: Any, **params: Any
+) -> tuple[np.ndarray, ActivationPullback]:
+    """`fn(x, **params)` before its final rounding, and the pullback of that computation.
+
+    Args:
+        fn: one of this module's activation functions.
+        x: its input; as for `fn`, the dtype decides how constants are compared
+            (the ReLU threshold).
+        **params: `fn`'s keyword arguments (`relu`'s, `softmax`'s `axis`).
+
+    Returns:
+        `(y, pullback)`: `y` in float64 (`fn(x)` is `y` rounded to `x`'s float
+        dtype) and `pullback(dy) -> dx`, float64 arrays of `x`'s shape.
+
+    Raises:
+        ValueError: `fn` is not one of this module's functions.
+    """
+    x64, out = _float64(x)
+    return _KERNELS[serialize(fn)](x64, out, **params)
 
 
 def _unknown(identifier: Any) -> ValueError:
@@ -160,10 +241,14 @@ def serialize(activation: Callable[..., np.ndarray]) -> str:
     raise _unknown(activation)
 
 
-def _compute(layer: Layer, x: np.ndarray, fn: Callable[..., np.ndarray], **params: Any):
+def _compute(
+    layer: Layer, x: np.ndarray, fn: Callable[..., np.ndarray], **params: Any
+) -> tuple[np.ndarray, Pullback]:
+    """The layer's output and pullback for `fn(x, **params)`."""
     # The function sees the data in the compute dtype, where Keras compares it with constants.
     dtype = to_numpy_dtype(layer.compute_dtype)
-    return fn(np.asarray(x, dtype=dtype), **params).astype(dtype)
+    y, pullback = apply_with_vjp(fn, np.asarray(x, dtype=dtype), **params)
+    return y.astype(dtype), lambda dy: Gradients((pullback(dy),))
 
 
 @register_layer("keras.layers")
@@ -193,6 +278,9 @@ class Activation(Layer):
         self.built = True  # no weights: Keras builds it at construction
 
     def call(self, inputs: np.ndarray) -> np.ndarray:
+        return self.vjp(inputs)[0]
+
+    def vjp(self, inputs: np.ndarray) -> tuple[np.ndarray, Pullback]:
         return _compute(self, inputs, self.activation)
 
     def compute_output_spec(self, inputs: SymbolicTensor) -> SymbolicTensor:
@@ -258,6 +346,9 @@ class ReLU(Layer):
         self.built = True
 
     def call(self, inputs: np.ndarray) -> np.ndarray:
+        return self.vjp(inputs)[0]
+
+    def vjp(self, inputs: np.ndarray) -> tuple[np.ndarray, Pullback]:
         return _compute(
             self,
             inputs,

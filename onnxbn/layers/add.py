@@ -11,6 +11,7 @@ import numpy as np
 
 from onnxbn import ops
 from onnxbn.dtypes import to_numpy_dtype
+from onnxbn.gradients import Gradients, Pullback, sum_to_shape
 from onnxbn.layers.layer import Layer
 from onnxbn.operation import is_symbolic_call
 from onnxbn.operation_registry import register_layer
@@ -129,7 +130,8 @@ class Add(Layer):
         self.build(shapes)
         self._build_shape = tuple(shapes)
 
-    def __call__(self, inputs: Any, **kwargs: Any) -> Any:
+    def _prepare(self, inputs: Any, kwargs: dict) -> tuple[list, bool]:
+        """Checks and converts the inputs and builds the layer; also tells if symbolic."""
         owner = f"Add {self.name!r}"
         if kwargs:
             raise TypeError(f"{owner} takes only its list of inputs, received {sorted(kwargs)}.")
@@ -150,23 +152,50 @@ class Add(Layer):
         if not self.built:
             self.build(shapes)
             self._build_shape = tuple(shapes)
+        return inputs, symbolic
+
+    def __call__(self, inputs: Any, **kwargs: Any) -> Any:
+        inputs, symbolic = self._prepare(inputs, kwargs)
         if not symbolic:
             return self.call(inputs)
         output = self.symbolic_call(inputs)
         output._attach_mask(self.compute_mask(inputs, [x.mask for x in inputs]))
         return output
 
+    def call_with_vjp(self, inputs: Any, **kwargs: Any) -> tuple[np.ndarray, Pullback]:
+        """An eager call and its pullback (see `Layer.call_with_vjp`).
+
+        Raises:
+            TypeError: symbolic inputs (gradients are eager).
+        """
+        inputs, symbolic = self._prepare(inputs, kwargs)
+        if symbolic:
+            raise TypeError(
+                f"Add {self.name!r}: call_with_vjp runs on arrays, not symbolic tensors."
+            )
+        return self.vjp(inputs)
+
     def compute_output_spec(self, inputs: list[SymbolicTensor]) -> SymbolicTensor:
         return SymbolicTensor(merge_output_shape([x.shape for x in inputs]), self.compute_dtype)
 
     def call(self, inputs: list[np.ndarray]) -> np.ndarray:
+        return self.vjp(inputs)[0]
+
+    def vjp(self, inputs: list[np.ndarray]) -> tuple[np.ndarray, Pullback]:
         merge_output_shape([x.shape for x in inputs])  # Keras's shape checks
         rank = max(x.ndim for x in inputs)
+        # Lower-rank inputs gain axes right after the batch axis, then broadcast.
+        expanded = [x.shape[:1] + (1,) * (rank - x.ndim) + x.shape[1:] for x in inputs]
         total = None
-        for x in inputs:
-            x = x.astype(np.float64).reshape(x.shape[:1] + (1,) * (rank - x.ndim) + x.shape[1:])
+        for x, shape in zip(inputs, expanded):
+            x = x.astype(np.float64).reshape(shape)
             total = x if total is None else total + x
-        return total.astype(to_numpy_dtype(self.compute_dtype))
+
+        def pullback(dy: np.ndarray) -> Gradients:
+            grads = [sum_to_shape(dy, shape).reshape(x.shape) for x, shape in zip(inputs, expanded)]
+            return Gradients((grads,))
+
+        return total.astype(to_numpy_dtype(self.compute_dtype)), pullback
 
     def compute_mask(self, inputs: Any, previous_mask: Any) -> Any:
         """Logical OR of the input masks; None when any input has none (Keras 3)."""

@@ -1,8 +1,9 @@
 """Conv1D and Conv2D: Keras 3 convolution semantics on NumPy, sharing `BaseConv`.
 
 The kernel has Keras's layout `kernel_size + (input_channels // groups, filters)`
-and the weights are `kernel` then `bias`. How a convolution becomes ONNX lives
-in `onnxbn/lowering/conv.py`.
+and the weights are `kernel` then `bias`. `vjp` is the call with its pullback
+(`onnxbn/gradients.py`). How a convolution becomes ONNX lives in
+`onnxbn/lowering/conv.py`.
 """
 
 from __future__ import annotations
@@ -14,14 +15,15 @@ import numpy as np
 
 from onnxbn import constraints, initializers, regularizers
 from onnxbn.dtypes import to_numpy_dtype
+from onnxbn.gradients import Gradients, Pullback
 from onnxbn.layers import activation as activations
 from onnxbn.layers.arguments import check_bool, check_min_ndim, reject_unsupported
 from onnxbn.layers.conv_arithmetic import (
     conv_output_size,
     conv_padding,  # noqa: F401 - re-exported
-    convolve,
+    convolve_vjp,
 )
-from onnxbn.layers.dense import add_kernel_and_bias
+from onnxbn.layers.dense import add_kernel_and_bias, trainable_paths
 from onnxbn.layers.input_spec import InputSpec
 from onnxbn.layers.layer import BASE_CONFIG_KEYS, Layer
 from onnxbn.operation_registry import register_layer
@@ -240,11 +242,15 @@ class BaseConv(Layer):
         return SymbolicTensor(self.compute_output_shape(inputs.shape), self.compute_dtype)
 
     def call(self, inputs: np.ndarray) -> np.ndarray:
+        return self.vjp(inputs)[0]
+
+    def vjp(self, inputs: np.ndarray) -> tuple[np.ndarray, Pullback]:
         self.compute_output_shape(inputs.shape)  # Keras's checks of the input shape
+        channels_first = self.data_format == "channels_first"
         x = inputs.astype(np.float64)
-        if self.data_format == "channels_first":
+        if channels_first:
             x = np.moveaxis(x, 1, -1)
-        y = convolve(
+        z, conv_pullback = convolve_vjp(
             x,
             self.kernel.value.astype(np.float64),
             strides=self.strides,
@@ -253,12 +259,28 @@ class BaseConv(Layer):
             groups=self.groups,
         )
         if self.bias is not None:
-            y = y + self.bias.value.astype(np.float64)
-        if self.data_format == "channels_first":
-            y = np.moveaxis(y, -1, 1)
+            z = z + self.bias.value.astype(np.float64)
+        if channels_first:
+            z = np.moveaxis(z, -1, 1)
         # Keras applies the activation in the layer's data format (softmax: last axis).
-        y = self.activation(y)
-        return y.astype(to_numpy_dtype(self.compute_dtype))
+        y, activation_pullback = activations.apply_with_vjp(self.activation, z)
+        trainable = trainable_paths(self)
+
+        def pullback(dy: np.ndarray) -> Gradients:
+            dz = activation_pullback(dy)
+            if channels_first:
+                dz = np.moveaxis(dz, 1, -1)
+            dx, dkernel = conv_pullback(dz)
+            if channels_first:
+                dx = np.moveaxis(dx, -1, 1)
+            weights = {}
+            if self.kernel.path in trainable:
+                weights[self.kernel.path] = dkernel
+            if self.bias is not None and self.bias.path in trainable:
+                weights[self.bias.path] = dz.reshape(-1, self.filters).sum(axis=0)
+            return Gradients((dx,), weights)
+
+        return y.astype(to_numpy_dtype(self.compute_dtype)), pullback
 
     def get_config(self) -> dict:
         config = super().get_config()

@@ -2,13 +2,15 @@
 
 What `Conv1D`/`Conv2D` (`onnxbn/layers/conv.py`) compute, as plain functions:
 TensorFlow/JAX padding of `"valid"`, `"same"` and `"causal"`, and a
-channels-last grouped cross-correlation. The lowering pads the same way.
+channels-last grouped cross-correlation with its pullback (`convolve_vjp`).
+The lowering pads the same way.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -59,26 +61,75 @@ def convolve(
     Returns:
         `(batch, *out_spatial, filters)`.
     """
+    return convolve_vjp(
+        x, kernel, strides=strides, dilation_rate=dilation_rate, padding=padding, groups=groups
+    )[0]
+
+
+def convolve_vjp(
+    x: np.ndarray,
+    kernel: np.ndarray,
+    *,
+    strides: tuple[int, ...],
+    dilation_rate: tuple[int, ...],
+    padding: str,
+    groups: int,
+) -> tuple[np.ndarray, Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]]:
+    """`convolve` and its pullback.
+
+    Args:
+        x, kernel, strides, dilation_rate, padding, groups: as for `convolve`.
+
+    Returns:
+        `(y, pullback)`: `convolve`'s result and `pullback(dy) -> (dx, dkernel)`,
+        the gradients with respect to `x` and `kernel` for the gradient `dy` of
+        `y` (float64).
+    """
     rank = kernel.ndim - 2
     ksize = kernel.shape[:rank]
     pads = [
         conv_padding(x.shape[1 + i], ksize[i], strides[i], dilation_rate[i], padding)
         for i in range(rank)
     ]
-    x = np.pad(x, [(0, 0)] + pads + [(0, 0)])
+    padded = np.pad(x, [(0, 0)] + pads + [(0, 0)])
     out = [
-        conv_output_size(x.shape[1 + i], ksize[i], strides[i], dilation_rate[i], "valid")
+        conv_output_size(padded.shape[1 + i], ksize[i], strides[i], dilation_rate[i], "valid")
         for i in range(rank)
     ]
     batch, cin, filters = x.shape[0], x.shape[-1], kernel.shape[-1]
     # Kernel (..., cin/g, filters) -> (..., cin/g, g, filters/g): group g reads its input slice.
     grouped = kernel.reshape(ksize + (cin // groups, groups, filters // groups))
-    y = np.zeros((batch, *out, groups, filters // groups))
-    for offset in itertools.product(*(range(k) for k in ksize)):
-        window = tuple(
-            slice(o * d, o * d + s * (n - 1) + 1, s)
-            for o, d, s, n in zip(offset, dilation_rate, strides, out)
+    # Each kernel offset reads one strided window of the padded input.
+    windows = [
+        (
+            offset,
+            (slice(None),)
+            + tuple(
+                slice(o * d, o * d + s * (n - 1) + 1, s)
+                for o, d, s, n in zip(offset, dilation_rate, strides, out)
+            ),
         )
-        patch = x[(slice(None),) + window].reshape(batch, *out, groups, cin // groups)
-        y += np.einsum("...gc,cgf->...gf", patch, grouped[offset])
-    return y.reshape(batch, *out, filters)
+        for offset in itertools.product(*(range(k) for k in ksize))
+    ]
+
+    def patch(window: tuple) -> np.ndarray:
+        return padded[window].reshape(batch, *out, groups, cin // groups)
+
+    y = np.zeros((batch, *out, groups, filters // groups))
+    for offset, window in windows:
+        y += np.einsum("...gc,cgf->...gf", patch(window), grouped[offset])
+
+    def pullback(dy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        dy = dy.reshape(batch, *out, groups, filters // groups)
+        rows = dy.reshape(-1, groups, filters // groups)  # one row per output position
+        dpadded = np.zeros(padded.shape)
+        dgrouped = np.zeros(grouped.shape)
+        for offset, window in windows:
+            dpatch = np.einsum("...gf,cgf->...gc", dy, grouped[offset])
+            dpadded[window] += dpatch.reshape(batch, *out, cin)
+            patch_rows = patch(window).reshape(-1, groups, cin // groups)
+            dgrouped[offset] = np.einsum("mgc,mgf->cgf", patch_rows, rows)
+        inside = tuple(slice(b, b + n) for (b, _), n in zip(pads, x.shape[1:-1]))
+        return dpadded[(slice(None),) + inside], dgrouped.reshape(kernel.shape)
+
+    return y.reshape(batch, *out, filters), pullback

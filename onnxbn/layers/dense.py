@@ -2,6 +2,7 @@
 
 How it becomes ONNX lives in `onnxbn/lowering/dense.py`. This module also
 creates the kernel and bias that Dense and the convolutions share.
+`Dense.vjp` is the call with its pullback (`onnxbn/gradients.py`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import numpy as np
 
 from onnxbn import constraints, initializers, regularizers
 from onnxbn.dtypes import to_numpy_dtype
+from onnxbn.gradients import Gradients, Pullback
 from onnxbn.layers import activation as activations
 from onnxbn.layers.arguments import check_bool, check_min_ndim, reject_unsupported
 from onnxbn.layers.input_spec import InputSpec
@@ -41,6 +43,11 @@ def add_kernel_and_bias(layer: Any, kernel_shape: tuple[int, ...]) -> None:
             regularizer=layer.bias_regularizer,
             constraint=layer.bias_constraint,
         )
+
+
+def trainable_paths(layer: Layer) -> list[str]:
+    """Paths of the weights `layer` computes gradients for: none once frozen."""
+    return [v.path for v in layer.trainable_weights]
 
 
 @register_layer("keras.layers")
@@ -139,14 +146,29 @@ class Dense(Layer):
         return SymbolicTensor(inputs.shape[:-1] + (self.units,), self.compute_dtype)
 
     def call(self, inputs: np.ndarray) -> np.ndarray:
+        return self.vjp(inputs)[0]
+
+    def vjp(self, inputs: np.ndarray) -> tuple[np.ndarray, Pullback]:
         check_min_ndim(self, inputs.shape, 2)
-        y = np.tensordot(
-            inputs.astype(np.float64), self.kernel.value.astype(np.float64), axes=([-1], [0])
-        )
+        x = inputs.astype(np.float64)
+        kernel = self.kernel.value.astype(np.float64)
+        z = np.tensordot(x, kernel, axes=([-1], [0]))
         if self.bias is not None:
-            y = y + self.bias.value.astype(np.float64)
-        y = self.activation(y)
-        return y.astype(to_numpy_dtype(self.compute_dtype))
+            z = z + self.bias.value.astype(np.float64)
+        y, activation_pullback = activations.apply_with_vjp(self.activation, z)
+        trainable = trainable_paths(self)
+
+        def pullback(dy: np.ndarray) -> Gradients:
+            dz = activation_pullback(dy)
+            axes = tuple(range(dz.ndim - 1))  # all but the units axis
+            weights = {}
+            if self.kernel.path in trainable:
+                weights[self.kernel.path] = np.tensordot(x, dz, axes=(axes, axes))
+            if self.bias is not None and self.bias.path in trainable:
+                weights[self.bias.path] = dz.sum(axis=axes)
+            return Gradients((np.tensordot(dz, kernel, axes=([-1], [1])),), weights)
+
+        return y.astype(to_numpy_dtype(self.compute_dtype)), pullback
 
     def get_config(self) -> dict:
         config = super().get_config()

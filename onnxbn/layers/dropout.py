@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from onnxbn.dtypes import to_numpy_dtype
+from onnxbn.gradients import Gradients, Pullback
 from onnxbn.layers.layer import Layer
 from onnxbn.operation_registry import register_layer
 from onnxbn.tensor import SymbolicTensor
@@ -113,11 +114,14 @@ class Dropout(Layer):
         return SymbolicTensor(inputs.shape, self.compute_dtype)
 
     def call(self, inputs: np.ndarray, training: Any = False) -> np.ndarray:
+        return self.vjp(inputs, training=training)[0]
+
+    def vjp(self, inputs: np.ndarray, training: Any = False) -> tuple[np.ndarray, Pullback]:
         if training is not None and not isinstance(training, (bool, np.bool_)):
             raise TypeError(f"training must be a bool or None, received {training!r}.")
         dtype = to_numpy_dtype(self.compute_dtype)
         if not training or self.rate == 0:
-            return inputs.astype(dtype)
+            return inputs.astype(dtype), lambda dy: Gradients((dy,))
         shape = inputs.shape
         if self.noise_shape is not None:
             if len(self.noise_shape) != inputs.ndim:
@@ -136,9 +140,10 @@ class Dropout(Layer):
                 f"the input shape {inputs.shape}."
             ) from None
         if keep_prob == 0:
-            return np.zeros(inputs.shape, dtype)
+            return np.zeros(inputs.shape, dtype), lambda dy: Gradients((np.zeros(inputs.shape),))
         y = np.where(keep, inputs.astype(np.float64) / keep_prob, 0.0)
-        return y.astype(dtype)
+        # The gradient goes through the positions this draw kept, scaled alike.
+        return y.astype(dtype), lambda dy: Gradients((np.where(keep, dy / keep_prob, 0.0),))
 
     def get_config(self) -> dict:
         config = super().get_config()

@@ -11,6 +11,7 @@ import numpy as np
 
 from onnxbn import constraints, initializers, ops, regularizers
 from onnxbn.dtypes import to_numpy_dtype
+from onnxbn.gradients import Gradients, Pullback
 from onnxbn.layers.arguments import check_bool, reject_unsupported
 from onnxbn.layers.layer import Layer, to_array
 from onnxbn.operation_registry import register_layer
@@ -119,6 +120,9 @@ class Embedding(Layer):
         return SymbolicTensor(inputs.shape + (self.output_dim,), self.compute_dtype)
 
     def call(self, inputs: np.ndarray) -> np.ndarray:
+        return self.vjp(inputs)[0]
+
+    def vjp(self, inputs: np.ndarray) -> tuple[np.ndarray, Pullback]:
         indices = inputs
         if indices.dtype not in (np.int32, np.int64):
             indices = indices.astype(np.int32)
@@ -129,7 +133,18 @@ class Embedding(Layer):
                 f"{indices[bad].ravel()[:5].tolist()} (input_dim={self.input_dim})."
             )
         y = np.take(self.embeddings.value, indices, axis=0)
-        return y.astype(to_numpy_dtype(self.compute_dtype))
+        trainable = [v.path for v in self.trainable_weights]
+
+        def pullback(dy: np.ndarray) -> Gradients:
+            # Each looked-up row receives its outputs' gradients; repeated ids add up.
+            weights = {}
+            if self.embeddings.path in trainable:
+                table = np.zeros(self.embeddings.shape)
+                np.add.at(table, indices, dy)
+                weights[self.embeddings.path] = table
+            return Gradients((None,), weights)  # none to the integer ids
+
+        return y.astype(to_numpy_dtype(self.compute_dtype)), pullback
 
     def compute_mask(self, inputs: Any, previous_mask: Any = None) -> Any:
         if not self.mask_zero:

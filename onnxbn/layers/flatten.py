@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from onnxbn.dtypes import is_float
+from onnxbn.gradients import Gradients, Pullback
 from onnxbn.layers.arguments import check_min_ndim
 from onnxbn.layers.conv import standardize_data_format
 from onnxbn.layers.layer import Layer
@@ -62,11 +63,21 @@ class Flatten(Layer):
         return SymbolicTensor(self.compute_output_shape(inputs.shape), dtype)
 
     def call(self, inputs: np.ndarray) -> np.ndarray:
+        return self.vjp(inputs)[0]
+
+    def vjp(self, inputs: np.ndarray) -> tuple[np.ndarray, Pullback]:
         shape = self.compute_output_shape(inputs.shape)
         x = inputs
-        if self.data_format == "channels_first" and x.ndim > 1:
+        moved = self.data_format == "channels_first" and x.ndim > 1
+        if moved:
             x = np.moveaxis(x, 1, -1)
-        return np.ascontiguousarray(x).reshape(shape)
+        moved_shape = x.shape
+
+        def pullback(dy: np.ndarray) -> Gradients:
+            dx = dy.reshape(moved_shape)
+            return Gradients((np.moveaxis(dx, -1, 1) if moved else dx,))
+
+        return np.ascontiguousarray(x).reshape(shape), pullback
 
     def get_config(self) -> dict:
         config = super().get_config()

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from onnxbn.dtypes import to_numpy_dtype
+from onnxbn.gradients import Gradients, Pullback
 from onnxbn.layers.arguments import check_bool
 from onnxbn.layers.conv import standardize_data_format
 from onnxbn.layers.input_spec import InputSpec
@@ -117,22 +118,35 @@ class GlobalAveragePooling1D(BaseGlobalPooling):
         return SymbolicTensor(self.compute_output_shape(inputs.shape), self.compute_dtype)
 
     def call(self, inputs: np.ndarray, mask: Any = None) -> np.ndarray:
+        return self.vjp(inputs, mask=mask)[0]
+
+    def vjp(self, inputs: np.ndarray, mask: Any = None) -> tuple[np.ndarray, Pullback]:
         axis = self.spatial_axes[0]
         x = inputs.astype(np.float64)
         if mask is None:
-            if x.shape[axis] == 0:  # no steps: NaN as Keras's mean gives, without a warning
+            count = x.shape[axis]
+            if count == 0:  # no steps: NaN as Keras's mean gives, without a warning
                 y = np.full(self.compute_output_shape(x.shape), np.nan)
             else:
                 y = x.mean(axis=axis, keepdims=self.keepdims)
+            valid = True
         else:
             mask = to_array(mask, f"Mask of layer {self.name!r}")
             self._check_mask(mask.shape, x.shape)
             valid = np.expand_dims(mask.astype(bool), 2 if axis == 1 else 1)
             total = np.where(valid, x, 0.0).sum(axis=axis, keepdims=self.keepdims)
-            count = np.broadcast_to(valid, x.shape).sum(axis=axis, keepdims=self.keepdims)
+            count = np.broadcast_to(valid, x.shape).sum(axis=axis, keepdims=True)
             with np.errstate(invalid="ignore", divide="ignore"):
-                y = total / count
-        return y.astype(to_numpy_dtype(self.compute_dtype))
+                y = total / (count if self.keepdims else count.squeeze(axis))
+
+        def pullback(dy: np.ndarray) -> Gradients:
+            # Each valid step receives its row's gradient over the row's count.
+            dy = dy if self.keepdims else np.expand_dims(dy, axis)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                dx = np.where(valid, np.broadcast_to(dy / count, x.shape), 0.0)
+            return Gradients((dx,))
+
+        return y.astype(to_numpy_dtype(self.compute_dtype)), pullback
 
     def compute_mask(self, inputs: Any, previous_mask: Any) -> None:
         return None
@@ -166,10 +180,19 @@ class GlobalAveragePooling2D(BaseGlobalPooling):
         return SymbolicTensor(self.compute_output_shape(inputs.shape), self.compute_dtype)
 
     def call(self, inputs: np.ndarray) -> np.ndarray:
+        return self.vjp(inputs)[0]
+
+    def vjp(self, inputs: np.ndarray) -> tuple[np.ndarray, Pullback]:
         x = inputs.astype(np.float64)
         axes = self.spatial_axes
-        if all(x.shape[a] for a in axes):
+        count = int(np.prod([x.shape[a] for a in axes]))
+        if count:
             y = x.mean(axis=axes, keepdims=self.keepdims)
         else:
             y = np.full(self.compute_output_shape(x.shape), np.nan)
-        return y.astype(to_numpy_dtype(self.compute_dtype))
+
+        def pullback(dy: np.ndarray) -> Gradients:
+            dy = dy if self.keepdims else np.expand_dims(dy, axes)
+            return Gradients((np.broadcast_to(dy / max(count, 1), x.shape).copy(),))
+
+        return y.astype(to_numpy_dtype(self.compute_dtype)), pullback

@@ -15,6 +15,7 @@ import numpy as np
 
 from onnxbn import ops
 from onnxbn.dtypes import to_numpy_dtype
+from onnxbn.gradients import Gradients, Pullback
 from onnxbn.layers.layer import Layer
 from onnxbn.operation_registry import register_layer
 from onnxbn.tensor import SymbolicTensor
@@ -58,11 +59,15 @@ class Masking(Layer):
         return SymbolicTensor(inputs.shape, self.compute_dtype)
 
     def call(self, inputs: np.ndarray) -> np.ndarray:
+        return self.vjp(inputs)[0]
+
+    def vjp(self, inputs: np.ndarray) -> tuple[np.ndarray, Pullback]:
         keep = np.any(np.not_equal(inputs, self.mask_value), axis=-1, keepdims=True)
         # A product, as Keras computes it (so inf and NaN at masked steps give NaN).
         with np.errstate(invalid="ignore"):
             y = inputs.astype(np.float64) * keep
-        return y.astype(to_numpy_dtype(self.compute_dtype))
+        # The mask is a comparison: no gradient flows through it, none to masked steps.
+        return y.astype(to_numpy_dtype(self.compute_dtype)), lambda dy: Gradients((dy * keep,))
 
     def get_config(self) -> dict:
         config = super().get_config()
