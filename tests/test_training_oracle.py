@@ -107,8 +107,15 @@ def test_batch_normalization_training_forward_state_and_backward(shape):
     x = RNG.normal(size=shape) * 3 + 1
     y, _ = layer.forward(x, True)
     want = bn_oracle(
-        x, axis=x.ndim - 1, gamma=gamma, beta=beta, moving_mean=mm, moving_variance=mv,
-        momentum=0.9, epsilon=1e-3, training=True,
+        x,
+        axis=x.ndim - 1,
+        gamma=gamma,
+        beta=beta,
+        moving_mean=mm,
+        moving_variance=mv,
+        momentum=0.9,
+        epsilon=1e-3,
+        training=True,
     )
     np.testing.assert_allclose(y, want[0], rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(layer.state["moving_mean"], want[1], rtol=1e-12, atol=1e-12)
@@ -122,7 +129,9 @@ def test_batch_normalization_training_forward_state_and_backward(shape):
 
 def test_frozen_batch_normalization_uses_and_keeps_the_moving_statistics():
     mm, mv = RNG.normal(size=3), RNG.uniform(0.5, 2, 3)
-    layer = to.BatchNormalization("bn", RNG.normal(size=3), RNG.normal(size=3), mm, mv, trainable=False)
+    layer = to.BatchNormalization(
+        "bn", RNG.normal(size=3), RNG.normal(size=3), mm, mv, trainable=False
+    )
     x = RNG.normal(size=(4, 3))
     y, _ = layer.forward(x, True)
     np.testing.assert_allclose(
@@ -143,13 +152,20 @@ def test_mean_squared_error_value_and_gradient():
     y_true, y_pred, sw = RNG.normal(size=(5, 3)), RNG.normal(size=(5, 3)), RNG.uniform(0, 2, 5)
     loss = check_loss(to.mean_squared_error, y_true, y_pred, sw)
     # sum_over_batch_size: divided by the batch size, not by the weights' sum.
-    assert loss == pytest.approx(np.sum(sw * np.mean((y_pred - y_true) ** 2, axis=1)) / 5, rel=1e-14)
+    assert loss == pytest.approx(
+        np.sum(sw * np.mean((y_pred - y_true) ** 2, axis=1)) / 5, rel=1e-14
+    )
 
 
 def test_crossentropies_value_and_gradient():
     logits, labels = RNG.normal(size=(6, 4)), RNG.integers(0, 4, size=6)
     sw = RNG.uniform(0, 2, 6)
-    loss = check_loss(lambda t, p, w: to.sparse_categorical_crossentropy(t, p, w, from_logits=True), labels, logits, sw)
+    loss = check_loss(
+        lambda t, p, w: to.sparse_categorical_crossentropy(t, p, w, from_logits=True),
+        labels,
+        logits,
+        sw,
+    )
     log_softmax = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
     assert loss == pytest.approx(-np.sum(sw * log_softmax[np.arange(6), labels]) / 6, rel=1e-13)
     probs = to._softmax(logits)
@@ -179,22 +195,30 @@ def test_constraints():
     assert np.array_equal(to.non_neg(w), [[3.0, 0.0], [4.0, 0.5]])
     got = to.max_norm(2.0, axis=0)(w)
     np.testing.assert_allclose(got[:, 0], w[:, 0] * 2.0 / (5.0 + 1e-7), rtol=1e-15)
-    np.testing.assert_allclose(got[:, 1], w[:, 1] * np.hypot(1, 0.5) / (np.hypot(1, 0.5) + 1e-7), rtol=1e-15)
+    np.testing.assert_allclose(
+        got[:, 1], w[:, 1] * np.hypot(1, 0.5) / (np.hypot(1, 0.5) + 1e-7), rtol=1e-15
+    )
+
+
+def test_learning_rate_is_a_float32_variable():
+    assert to.SGD(0.1).lr == float(np.float32(0.1)) != 0.1
+    assert to.Adam(0.01).lr == float(np.float32(0.01))
 
 
 def test_sgd_recurrences():
     g1, g2 = np.array([1.0, -2.0]), np.array([0.5, 4.0])
     w0 = np.array([0.1, 0.2])
-    plain = to.SGD(0.1)
-    np.testing.assert_allclose(plain.update_step("w", w0, g1), w0 - 0.1 * g1, rtol=1e-14)
+    plain = to.SGD(0.125)
+    np.testing.assert_allclose(plain.update_step("w", w0, g1), w0 - 0.125 * g1, rtol=1e-14)
     for nesterov in (False, True):
         opt = to.SGD(0.1, momentum=0.9, nesterov=nesterov)
         w1 = opt.update_step("w", w0, g1)
         w2 = opt.update_step("w", w1, g2)
-        m1 = -0.1 * g1
-        m2 = 0.9 * m1 - 0.1 * g2
+        lr = float(np.float32(0.1))
+        m1 = -lr * g1
+        m2 = 0.9 * m1 - lr * g2
         if nesterov:
-            want1, want2 = w0 + 0.9 * m1 - 0.1 * g1, w0 + 0.9 * m1 - 0.1 * g1 + 0.9 * m2 - 0.1 * g2
+            want1, want2 = w0 + 0.9 * m1 - lr * g1, w0 + 0.9 * m1 - lr * g1 + 0.9 * m2 - lr * g2
         else:
             want1, want2 = w0 + m1, w0 + m1 + m2
         np.testing.assert_allclose(w1, want1, rtol=1e-14)
@@ -203,7 +227,7 @@ def test_sgd_recurrences():
 
 
 def test_adam_unrolled_two_steps():
-    lr, b1, b2, eps = 0.01, 0.8, 0.9, 1e-3
+    lr, b1, b2, eps = 0.25, 0.8, 0.9, 1e-3  # lr exact in float32
     g1, g2 = np.array([1.0, -2e-3, 0.0]), np.array([0.5, 4.0, -1e-4])
     w0 = np.array([0.1, 0.2, -0.3])
     opt = to.Adam(lr, b1, b2, eps)
@@ -221,9 +245,17 @@ def test_adam_unrolled_two_steps():
 
 def small_cnn(reg=(0.0, 0.01)):
     return [
-        to.Conv2D("conv", RNG.normal(size=(3, 3, 2, 3)) * 0.5, RNG.normal(size=3), strides=2, padding="same",
-                  regularizers={"kernel": reg}),
-        to.BatchNormalization("bn", RNG.uniform(0.5, 1.5, 3), RNG.normal(size=3), np.zeros(3), np.ones(3)),
+        to.Conv2D(
+            "conv",
+            RNG.normal(size=(3, 3, 2, 3)) * 0.5,
+            RNG.normal(size=3),
+            strides=2,
+            padding="same",
+            regularizers={"kernel": reg},
+        ),
+        to.BatchNormalization(
+            "bn", RNG.uniform(0.5, 1.5, 3), RNG.normal(size=3), np.zeros(3), np.ones(3)
+        ),
         to.ReLU("relu"),
         to.GlobalAveragePooling2D("gap"),
         to.Dense("dense", RNG.normal(size=(3, 4)), RNG.normal(size=4), activation="softmax"),
@@ -244,7 +276,9 @@ def test_network_train_step_order():
     """Loss before the update includes the penalty; constraints after the update; state rounded."""
     layers = small_cnn(reg=(0.0, 0.05))
     layers[-1].constraints["kernel"] = to.non_neg
-    net = to.Network(layers, to.sparse_categorical_crossentropy, to.SGD(0.1), storage_dtype="float32")
+    net = to.Network(
+        layers, to.sparse_categorical_crossentropy, to.SGD(0.1), storage_dtype="float32"
+    )
     x, y = RNG.normal(size=(4, 5, 6, 2)), RNG.integers(0, 4, size=4)
     before = {k: v.copy() for k, v in net.weights().items()}
     want_loss, want_grads = net.loss_and_grads(x, y)
@@ -255,10 +289,13 @@ def test_network_train_step_order():
     penalty = 0.05 * np.sum(before["conv/kernel"] ** 2)
     assert penalty > 0 and got > penalty
     after = net.weights()
-    kernel = np.maximum(before["dense/kernel"] - 0.1 * want_grads["dense/kernel"], 0)
+    lr = float(np.float32(0.1))
+    kernel = np.maximum(before["dense/kernel"] - lr * want_grads["dense/kernel"], 0)
     np.testing.assert_allclose(after["dense/kernel"], kernel.astype(np.float32), rtol=0, atol=0)
     np.testing.assert_allclose(
-        after["conv/kernel"], (before["conv/kernel"] - 0.1 * want_grads["conv/kernel"]).astype(np.float32), rtol=0
+        after["conv/kernel"],
+        (before["conv/kernel"] - lr * want_grads["conv/kernel"]).astype(np.float32),
+        rtol=0,
     )
     assert not np.array_equal(after["bn/moving_mean"], before["bn/moving_mean"])
     assert net.optimizer.iterations == 1

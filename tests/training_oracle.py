@@ -136,7 +136,9 @@ class Conv2D(Layer):
         patches = np.empty((x.shape[0], oh, ow, kh, kw, x.shape[3]))
         for i in range(kh):
             for j in range(kw):
-                patches[:, :, :, i, j, :] = xp[:, i : i + s * (oh - 1) + 1 : s, j : j + s * (ow - 1) + 1 : s, :]
+                patches[:, :, :, i, j, :] = xp[
+                    :, i : i + s * (oh - 1) + 1 : s, j : j + s * (ow - 1) + 1 : s, :
+                ]
         y = np.einsum("nhwijc,ijcf->nhwf", patches, self.params["kernel"])
         if "bias" in self.params:
             y = y + self.params["bias"]
@@ -154,7 +156,9 @@ class Conv2D(Layer):
         dxp = np.zeros(padded_shape)
         for i in range(kh):
             for j in range(kw):
-                dxp[:, i : i + s * (oh - 1) + 1 : s, j : j + s * (ow - 1) + 1 : s, :] += dpatches[:, :, :, i, j, :]
+                dxp[:, i : i + s * (oh - 1) + 1 : s, j : j + s * (ow - 1) + 1 : s, :] += dpatches[
+                    :, :, :, i, j, :
+                ]
         return dxp[:, ph[0] : ph[0] + shape[1], pw[0] : pw[0] + shape[2], :], grads
 
 
@@ -166,10 +170,15 @@ class BatchNormalization(Layer):
     frozen) the moving statistics normalize and nothing is updated.
     """
 
-    def __init__(self, name, gamma, beta, moving_mean, moving_variance, momentum=0.99, epsilon=1e-3, **kwargs):
+    def __init__(
+        self, name, gamma, beta, moving_mean, moving_variance, momentum=0.99, epsilon=1e-3, **kwargs
+    ):
         super().__init__(name, **kwargs)
         self.params["gamma"], self.params["beta"] = f64(gamma), f64(beta)
-        self.state["moving_mean"], self.state["moving_variance"] = f64(moving_mean), f64(moving_variance)
+        self.state["moving_mean"], self.state["moving_variance"] = (
+            f64(moving_mean),
+            f64(moving_variance),
+        )
         self.momentum, self.epsilon = momentum, epsilon
 
     def forward(self, x, training):
@@ -204,7 +213,10 @@ class BatchNormalization(Layer):
         # mean = sum(x) / count: the chain rule through each of them.
         std_inv = 1.0 / np.sqrt(var + self.epsilon)
         dvar = np.sum(dxhat * (x - mean), axis=axes) * -0.5 * std_inv**3
-        dmean = np.sum(-dxhat * std_inv, axis=axes) + dvar * np.sum(-2.0 * (x - mean), axis=axes) / count
+        dmean = (
+            np.sum(-dxhat * std_inv, axis=axes)
+            + dvar * np.sum(-2.0 * (x - mean), axis=axes) / count
+        )
         dx = dxhat * std_inv + dvar * 2.0 * (x - mean) / count + dmean / count
         return dx, grads
 
@@ -275,13 +287,21 @@ def max_norm(max_value=2.0, axis=0):
 
 
 # --- optimizers -----------------------------------------------------------------------------
+# Keras keeps `learning_rate` in a floatx (float32) variable and casts it to each
+# weight's dtype, so a float64 weight steps with float32(lr); the other
+# hyperparameters are Python floats, exact in float64.
+
+
+def float32_learning_rate(lr):
+    return float(np.float32(lr))
 
 
 class SGD:
     """Keras 3 SGD: `m = m * momentum - g * lr`; `w += m` (nesterov: `w += m * momentum - g * lr`)."""
 
     def __init__(self, learning_rate=0.01, momentum=0.0, nesterov=False):
-        self.lr, self.momentum, self.nesterov = learning_rate, momentum, nesterov
+        self.lr = float32_learning_rate(learning_rate)
+        self.momentum, self.nesterov = momentum, nesterov
         self.iterations = 0
         self.slots: dict[str, dict[str, np.ndarray]] = {}
 
@@ -301,7 +321,8 @@ class Adam:
     `m += (g - m)(1 - b1)`, `v += (g^2 - v)(1 - b2)`, `w -= m * alpha / (sqrt(v) + epsilon)`."""
 
     def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7):
-        self.lr, self.beta_1, self.beta_2, self.epsilon = learning_rate, beta_1, beta_2, epsilon
+        self.lr = float32_learning_rate(learning_rate)
+        self.beta_1, self.beta_2, self.epsilon = beta_1, beta_2, epsilon
         self.iterations = 0
         self.slots: dict[str, dict[str, np.ndarray]] = {"momentum": {}, "velocity": {}}
 
