@@ -387,3 +387,31 @@ def test_saturated_softmax_is_clipped_in_loss_and_gradient():
         optimizer=onnxbn.optimizers.SGD(learning_rate=0.01), loss="categorical_crossentropy"
     )
     run_and_compare(model, net, [(xb, y, None)] * 3, "float64")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_fit_is_train_on_batch_over_batches_with_a_batch_size_weighted_epoch_loss(dtype):
+    """10 samples, batch_size 4, no shuffling: steps of 4, 4, 2; the epoch loss weights by size."""
+    rng = np.random.default_rng(11)
+    model = cnn(dtype)
+    randomize(model, rng)
+
+    def loss(y, p, w):
+        return to.sparse_categorical_crossentropy(y, p, w, from_logits=True)
+
+    net = to.Network(oracle_layers(model), loss, to.Adam(0.01), storage_dtype=dtype)
+    model.compile(
+        optimizer=onnxbn.optimizers.Adam(learning_rate=0.01),
+        loss=onnxbn.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    x = rng.normal(size=(10, 7, 6, 2)).astype(dtype)
+    y, sw = rng.integers(0, 3, size=10), rng.uniform(0, 2, 10)
+    history = model.fit(x, y, batch_size=4, epochs=2, shuffle=False, verbose=0, sample_weight=sw)
+    want = []
+    for _ in range(2):
+        losses = [net.train_step(x[i : i + 4], y[i : i + 4], sw[i : i + 4]) for i in (0, 4, 8)]
+        want.append((4 * losses[0] + 4 * losses[1] + 2 * losses[2]) / 10)
+    assert_matches("epoch losses", history.history["loss"], want, dtype)
+    for v in model.weights:
+        assert_matches(f"after fit {v.path}", v.numpy(), net.weights()[v.path], dtype)
+    assert int(model.optimizer.iterations) == 6
