@@ -31,6 +31,13 @@ moments live in `lowering/moments.py`:
 Float16/bfloat16/integer/bool inputs are computed in float32, float64 in
 float64, and the output is cast to the layer's compute dtype, exactly as the
 eager `Layer.__call__` (autocast of float inputs) and `BatchNormalization.call` do.
+
+In a train step gamma and beta are read with `ctx.weight` (state inputs), an
+inference call then normalizes by Mul and Add (the native node takes constant
+parameters only, on tract), and each call saves what its gradient rule
+(`lowering/batch_normalization_gradient.py`) reads: the shifted data, the mean
+relative to it, the standard deviation, the scale and, in training, the count,
+the valid positions, the empty-batch flag and renorm's `r`, `d`.
 """
 
 from __future__ import annotations
@@ -39,9 +46,11 @@ import numpy as np
 
 from onnxbn.dtypes import is_float
 from onnxbn.layers.batch_normalization import BatchNormalization, normalize_axis
+from onnxbn.gradients import Gradients
 from onnxbn.lowering import emit, moments, renormalization
-from onnxbn.lowering.context import LoweringContext, Value
-from onnxbn.lowering.registry import register_lowering
+from onnxbn.lowering.batch_normalization_gradient import backward
+from onnxbn.lowering.context import CallRecord, LoweringContext, Value
+from onnxbn.lowering.registry import register_gradient, register_lowering
 
 
 @register_lowering(BatchNormalization)
@@ -156,9 +165,15 @@ def _inference(ctx: LoweringContext, op: BatchNormalization, x: Value, axis: int
 
     Tools that read BatchNormalization nodes (recalibration, fusions,
     quantizers, viewers) see the layer the user built; gamma/beta are ones/zeros
-    when scale/center is off.
+    when scale/center is off. In a train step whose state holds gamma or beta,
+    Mul and Add instead (see `_affine_inference`).
     """
     channels = x.shape[axis]
+    if any(v is not None and v.path in ctx.trainable_paths for v in (op.gamma, op.beta)):
+        mean = ctx.constant(_weight64(op.moving_mean, 0.0, channels), "moving_mean", x.dtype)
+        var = ctx.constant(_weight64(op.moving_variance, 1.0, channels), "moving_variance", x.dtype)
+        return _affine_inference(ctx, op, x, axis, mean, var)
+    ctx.save("shifted", x)  # the gradient rule folds the constant parameters itself
     return _native(
         ctx,
         op,
@@ -177,12 +192,22 @@ def _inference_from_state(
 ) -> Value:
     """Inference call of a layer whose moving statistics are graph state in this export."""
     mean, var = _read_state(ctx, op, x.dtype)
+    return _affine_inference(ctx, op, x, axis, mean, var)
+
+
+def _affine_inference(
+    ctx: LoweringContext, op: BatchNormalization, x: Value, axis: int, mean: Value, var: Value
+) -> Value:
+    """`x * inv + (beta - mean * inv)` by Mul and Add, `inv = gamma / sqrt(var + epsilon)`."""
     channels = x.shape[axis]
     gamma, beta = _affine(ctx, op, x.dtype, channels)
     shape = emit.ints(ctx, _param_shape(x.rank, axis, channels), "param_shape")
-    inv = inverse_std(ctx, var, gamma, op.epsilon, x.dtype)
+    std = stddev(ctx, var, op.epsilon, x.dtype)
+    inv = _over(ctx, gamma, std)
     b = ctx.op("Sub", [beta, ctx.op("Mul", [mean, inv])], label="shift")
     scaled = ctx.op("Mul", [x, ctx.op("Reshape", [inv, shape], label="scale", allowzero=0)])
+    for key, value in (("shifted", x), ("mean_shifted", mean), ("std", std), ("scale", inv)):
+        ctx.save(key, value)
     return ctx.op("Add", [scaled, ctx.op("Reshape", [b, shape], allowzero=0)], label="y")
 
 
@@ -195,18 +220,34 @@ def _read_state(ctx: LoweringContext, op: BatchNormalization, dtype: str) -> tup
 
 
 def _affine(ctx, op, dtype: str, channels: int) -> tuple[Value, Value]:
-    """`gamma`, `beta` as `[C]` constants (ones / zeros when scale / center is off)."""
-    gamma = ctx.constant(_weight64(op.gamma, 1.0, channels), "gamma", dtype)
-    beta = ctx.constant(_weight64(op.beta, 0.0, channels), "beta", dtype)
+    """`gamma`, `beta` as `[C]` values of `dtype` (`ctx.weight`; ones / zeros constants
+    when scale / center is off)."""
+    if op.gamma is None:
+        gamma = ctx.constant(np.ones(channels), "gamma", dtype)
+    else:
+        gamma = ctx.weight(op.gamma, "gamma", dtype)
+    if op.beta is None:
+        beta = ctx.constant(np.zeros(channels), "beta", dtype)
+    else:
+        beta = ctx.weight(op.beta, "beta", dtype)
     return gamma, beta
+
+
+def stddev(ctx, var: Value, epsilon: float, dtype: str) -> Value:
+    """`sqrt(var + epsilon)`."""
+    return ctx.op("Sqrt", [ctx.op("Add", [var, emit.scalar(ctx, epsilon, dtype, "epsilon")])])
+
+
+def _over(ctx, gamma: Value | None, std: Value) -> Value:
+    """`gamma / std` (`1 / std` without gamma)."""
+    if gamma is None:
+        return ctx.op("Reciprocal", [std], label="inv_std")
+    return ctx.op("Div", [gamma, std], label="inv_std")
 
 
 def inverse_std(ctx, var: Value, gamma: Value | None, epsilon: float, dtype: str) -> Value:
     """`gamma / sqrt(var + epsilon)`."""
-    std = ctx.op("Sqrt", [ctx.op("Add", [var, emit.scalar(ctx, epsilon, dtype, "epsilon")])])
-    if gamma is None:
-        return ctx.op("Reciprocal", [std], label="inv_std")
-    return ctx.op("Div", [gamma, std], label="inv_std")
+    return _over(ctx, gamma, stddev(ctx, var, epsilon, dtype))
 
 
 # -- training -----------------------------------------------------------------------
@@ -223,20 +264,35 @@ def _training(
     stats = moments.batch_moments(ctx, x, axis, valid, synchronized=op.synchronized)
     mean_d, var = stats.mean_shifted, stats.var
     batch_mean = ctx.op("Add", [stats.shift, mean_d], label="batch_mean")
-    gamma = None if op.gamma is None else _param(ctx, op.gamma, dtype, "gamma")
-    beta = None if op.beta is None else _param(ctx, op.beta, dtype, "beta")
+    gamma = None if op.gamma is None else ctx.weight(op.gamma, "gamma", dtype)
+    beta = None if op.beta is None else ctx.weight(op.beta, "beta", dtype)
     if op.renorm:
-        s, r, d = renormalization.correction(ctx, op, batch_mean, var, states)
-        inv, offset = renormalization.affine(ctx, s, r, d, gamma, beta)
-        new_states = renormalization.updates(ctx, op, batch_mean, s, states, moving_average)
+        std, r, d = renormalization.correction(ctx, op, batch_mean, var, states)
+        inv, offset = renormalization.affine(ctx, std, r, d, gamma, beta)
+        new_states = renormalization.updates(ctx, op, batch_mean, std, states, moving_average)
+        ctx.save("r", r)  # constants of the gradient (Keras's stop_gradient)
+        ctx.save("d", d)
     else:
-        inv = inverse_std(ctx, var, gamma, op.epsilon, dtype)
+        std = stddev(ctx, var, op.epsilon, dtype)
+        inv = _over(ctx, gamma, std)
         offset = beta
         new_states = {
             "moving_mean": moving_average(ctx, states["moving_mean"], batch_mean, op.momentum),
             "moving_variance": moving_average(ctx, states["moving_variance"], var, op.momentum),
         }
     y = normalized(ctx, stats, inv, offset, axis, x.rank, channels)
+    saved = {
+        "shifted": stats.shifted,
+        "mean_shifted": mean_d,
+        "std": std,
+        "scale": inv,
+        "count": stats.count,
+        "valid": valid,
+        "nonempty": stats.nonempty,
+        "batch_mean": batch_mean,
+    }
+    for key, value in saved.items():
+        ctx.save(key, value)
     updates = [(v.path, v.dtype, states[v.name], new_states[v.name]) for v in op.state_variables]
     write_updates(ctx, stats, updates)
     return y
@@ -289,6 +345,31 @@ def moving_average(ctx, moving: Value, batch: Value, momentum: float) -> Value:
     return ctx.op("Add", [kept, ctx.op("Mul", [batch, rate])], label="new")
 
 
-def _param(ctx, variable, dtype: str, label: str) -> Value:
-    """A `(C,)` weight as a constant of `dtype`."""
-    return ctx.constant(np.asarray(variable.value, dtype=np.float64), label, dtype)
+# -- gradient -------------------------------------------------------------------------
+@register_gradient(BatchNormalization)
+def batch_normalization_gradient(
+    ctx: LoweringContext, op: BatchNormalization, call: CallRecord, dy: Value
+) -> Gradients:
+    """The gradient of one call (`lowering/batch_normalization_gradient.py`).
+
+    Args:
+        ctx: the lowering context.
+        op: the layer.
+        call: the forward call's record (what `lower_batch_normalization` saved).
+        dy: the gradient of the loss with respect to the call's output.
+
+    Returns:
+        `Gradients((dx,), {path: grad})`: `dx` in the input's dtype (None for
+        an integer or bool input), `gamma` / `beta` gradients for the
+        trainable weights, in the compute dtype (float32 or float64).
+    """
+    saved = dict(call.saved)
+    x = saved["shifted"]
+    if "scale" not in saved:  # the native inference node: fold its constant parameters
+        channels = x.shape[normalize_axis(op.axis, x.rank, op.name)]
+        mean = _weight64(op.moving_mean, 0.0, channels)
+        std = np.sqrt(_weight64(op.moving_variance, 1.0, channels) + op.epsilon)
+        scale = _weight64(op.gamma, 1.0, channels) / std
+        for key, value in (("mean_shifted", mean), ("std", std), ("scale", scale)):
+            saved[key] = ctx.constant(value, key, x.dtype)
+    return backward(ctx, op, saved, call.operands[0], dy)

@@ -64,6 +64,7 @@ class Moments(NamedTuple):
     mean_shifted: Value  # batch mean - shift (Keras's shrunken mean when masked)
     var: Value  # batch (population) variance
     nonempty: Value | None  # bool, None when the batch has data for sure (or is masked)
+    count: Value  # the count the moments divide by ((1,) or (C,); masked: before the + 1e-7)
 
 
 def valid_positions(ctx: LoweringContext, mask: Value, x: Value) -> Value:
@@ -123,7 +124,7 @@ def batch_moments(
             size = ctx.op("Size", [x], dtype="int64", shape=(), label="size")
             zero = emit.ints(ctx, [0], "zero")
             nonempty = ctx.op("Greater", [size, zero], dtype="bool", label="nonempty")
-    return Moments(d, channel_vector(ctx, shift, x.shape[axis]), mean_d, var, nonempty)
+    return Moments(d, channel_vector(ctx, shift, x.shape[axis]), mean_d, var, nonempty, n)
 
 
 def _sums_channel_last(ctx: LoweringContext, x: Value, valid: Value | None):
