@@ -3,9 +3,11 @@
 An optimizer owns an int64 step counter (`iterations`) and, once built on a
 list of trainable variables, its slots: one zero-initialized array per slot
 name and variable, of the variable's shape and dtype. `apply(grads,
-variables)` runs one Keras step: the update of every variable (computed in
-float64, each assigned value rounded once to the variable's dtype), then each
-variable's constraint, then `iterations += 1`.
+variables)` runs one Keras step: the update of every variable, then each
+variable's constraint, then `iterations += 1`. The update is Keras's formula
+with Keras's operands (the gradient, the hyperparameters and the step count
+cast to the variable's dtype), computed in float64, each assigned value
+rounded once to the variable's dtype.
 
 The state is named as in a train-step export: `optimizer/iterations`, then
 `optimizer/<slot>/<variable path>` by variable, each variable's slots
@@ -277,8 +279,8 @@ class Optimizer:
                     "expected a numeric array."
                 )
 
-            def rnd(x: np.ndarray, dtype: np.dtype = dtype) -> np.ndarray:
-                return np.asarray(x).astype(dtype).astype(np.float64)
+            def rnd(x: Any, dtype: np.dtype = dtype) -> np.ndarray:
+                return np.asarray(x, np.float64).astype(dtype).astype(np.float64)
 
             slots = {k: v.astype(np.float64) for k, v in self._slots[position].items()}
             with np.errstate(all="ignore"):
@@ -310,8 +312,11 @@ class Optimizer:
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """One variable's update in float64: `(new weight, new slots)`.
 
-        `rnd` rounds an assigned value to the variable's dtype (a slot is
-        assigned before the weight update reads it, as in Keras).
+        `rnd` rounds to the variable's dtype: each assigned value (a slot is
+        assigned before the weight update reads it) and each hyperparameter
+        (Keras casts them to the variable's dtype: `ops.cast(self.momentum,
+        variable.dtype)`; a float literal such as `1 - beta_1` takes the
+        tensor's dtype).
         """
         raise NotImplementedError
 
@@ -377,12 +382,13 @@ class SGD(Optimizer):
         self.slot_names = ("momentum",) if self.momentum != 0 else ()
 
     def _update(self, w, g, slots, rnd):
-        lr = self._learning_rate
+        lr = rnd(self._learning_rate)
         if not self.slot_names:
             return w - g * lr, {}
-        m = rnd(slots["momentum"] * self.momentum - g * lr)
+        momentum = rnd(self.momentum)
+        m = rnd(slots["momentum"] * momentum - g * lr)
         if self.nesterov:
-            return w + (m * self.momentum - g * lr), {"momentum": m}
+            return w + (m * momentum - g * lr), {"momentum": m}
         return w + m, {"momentum": m}
 
     def get_config(self) -> dict:
@@ -429,11 +435,13 @@ class Adam(Optimizer):
             raise ValueError(f"Adam: `amsgrad` is not supported. Received: amsgrad={amsgrad!r}.")
 
     def _update(self, w, g, slots, rnd):
-        step = float(self._iterations) + 1.0
-        alpha = self._learning_rate * math.sqrt(1.0 - self.beta_2**step) / (1.0 - self.beta_1**step)
-        m = rnd(slots["momentum"] + (g - slots["momentum"]) * (1.0 - self.beta_1))
-        v = rnd(slots["velocity"] + (np.square(g) - slots["velocity"]) * (1.0 - self.beta_2))
-        return w - (m * alpha) / (np.sqrt(v) + self.epsilon), {"momentum": m, "velocity": v}
+        step = rnd(self._iterations + 1)
+        beta_1_power, beta_2_power = rnd(self.beta_1) ** step, rnd(self.beta_2) ** step
+        alpha = rnd(self._learning_rate) * np.sqrt(1.0 - beta_2_power) / (1.0 - beta_1_power)
+        m = rnd(slots["momentum"] + (g - slots["momentum"]) * rnd(1.0 - self.beta_1))
+        v = rnd(slots["velocity"] + (np.square(g) - slots["velocity"]) * rnd(1.0 - self.beta_2))
+        delta = (m * alpha) / (np.sqrt(v) + rnd(self.epsilon))
+        return w - delta, {"momentum": m, "velocity": v}
 
     def get_config(self) -> dict:
         return {
