@@ -86,16 +86,20 @@ def oracle_layers(model, regularizers=None, constraints=None):
 
 
 def randomize(model, rng):
-    """Non-trivial biases, BN affine weights and moving statistics (kernels keep their init)."""
+    """Seeded Glorot-uniform kernels; non-trivial biases, BN affine weights and statistics."""
     for layer in model.layers:
         names = [v.path.split("/")[-1] for v in layer.weights]
         values = []
-        for name, v in zip(names, layer.get_weights()):
-            if name in ("bias", "beta", "moving_mean"):
-                v = rng.normal(0, 0.3, v.shape)
-            elif name in ("gamma", "moving_variance"):
-                v = rng.uniform(0.5, 1.5, v.shape)
-            values.append(v.astype(v.dtype))
+        for name, old in zip(names, layer.get_weights()):
+            if name == "kernel":
+                receptive = int(np.prod(old.shape[:-2]))
+                limit = np.sqrt(6 / (receptive * (old.shape[-2] + old.shape[-1])))
+                v = rng.uniform(-limit, limit, old.shape)
+            elif name in ("bias", "beta", "moving_mean"):
+                v = rng.normal(0, 0.3, old.shape)
+            else:  # gamma, moving_variance
+                v = rng.uniform(0.5, 1.5, old.shape)
+            values.append(v.astype(old.dtype))
         if values:
             layer.set_weights(values)
 
