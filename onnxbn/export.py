@@ -197,7 +197,9 @@ def _export_train_step(model: Any, training: bool | None, opset: int) -> onnx.Mo
             f"{type(model).__name__}."
         )
     if training is False:
-        raise ValueError("A train step runs the model with training=True; do not pass training=False.")
+        raise ValueError(
+            "A train step runs the model with training=True; do not pass training=False."
+        )
     return export_train_step(model, opset)
 
 

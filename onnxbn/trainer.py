@@ -71,8 +71,7 @@ class Trainer:
     def _require_compiled(self, what: str) -> None:
         if getattr(self, "optimizer", None) is None or getattr(self, "loss", None) is None:
             raise ValueError(
-                f"You must call compile(optimizer, loss) on model "
-                f"{self.name!r} before {what}."  # type: ignore[attr-defined]
+                f"You must call compile(optimizer, loss) on model {self.name!r} before {what}."  # type: ignore[attr-defined]
             )
 
     # -- one step ---------------------------------------------------------------------
@@ -120,9 +119,7 @@ class Trainer:
             kwargs = map_structure(resolve, node.call_kwargs)
             if op._call_has_training_arg:
                 kwargs["training"] = True
-            differentiable = isinstance(op, Layer) and all(
-                is_float(t.dtype) for t in node.outputs
-            )
+            differentiable = isinstance(op, Layer) and all(is_float(t.dtype) for t in node.outputs)
             if differentiable:
                 result, pullback = op.call_with_vjp(*args, **kwargs)
                 tape.append((node, pullback))
@@ -286,4 +283,3 @@ def _progress(steps: int, description: str, show: bool) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=steps, desc=description, unit="step")
-

@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 
 from onnxbn import constraints, initializers, regularizers
-from onnxbn.gradients import Pullback
 from onnxbn.dtypes import DTypePolicy, is_float, standardize_dtype, to_numpy_dtype
+from onnxbn.gradients import Pullback
 from onnxbn.layers.input_spec import InputSpec, assert_input_compatibility
 from onnxbn.operation import Operation, is_symbolic_call
 from onnxbn.tensor import SymbolicTensor, to_array

@@ -90,7 +90,7 @@ def export_train_step(model: Any, opset: int) -> onnx.ModelProto:
             _accumulate(ctx, grads, y_pred.name, grad)
     weight_grads: dict[str, Value] = {}
     with ctx.scope("gradient"):
-        for node, record in reversed(records):
+        for _node, record in reversed(records):
             dy = grads.get(record.output.name)
             if dy is None or not is_float(record.output.dtype):
                 continue
@@ -119,8 +119,9 @@ def export_train_step(model: Any, opset: int) -> onnx.ModelProto:
         if grad is None:  # not reached by the loss: left alone, as the eager step does
             continue
         if grad.dtype != variable.dtype:
-            grad = ctx.op("Cast", [grad], label="grad", dtype=variable.dtype,
-                          to=onnx_dtype(variable.dtype))
+            grad = ctx.op(
+                "Cast", [grad], label="grad", dtype=variable.dtype, to=onnx_dtype(variable.dtype)
+            )
         params.append((variable, weights[variable.path], grad))
     with ctx.scope("optimizer"):
         lower_update(ctx, model.optimizer, params)
@@ -133,8 +134,10 @@ def export_train_step(model: Any, opset: int) -> onnx.ModelProto:
 def _accumulate(ctx: LoweringContext, table: dict[str, Value], key: str, grad: Value) -> None:
     """Adds `grad` to what `key` already received (a tensor used twice gets both)."""
     previous = table.get(key)
-    table[key] = grad if previous is None else ctx.op(
-        "Add", [previous, grad], label="grad_sum", shape=grad.shape
+    table[key] = (
+        grad
+        if previous is None
+        else ctx.op("Add", [previous, grad], label="grad_sum", shape=grad.shape)
     )
 
 
@@ -149,4 +152,3 @@ def _total_loss(ctx: LoweringContext, losses: list[Value]) -> Value:
     ctx.reserve(LOSS_OUTPUT)
     ctx.nodes.append(helper.make_node("Identity", [total.name], [LOSS_OUTPUT], name=LOSS_OUTPUT))
     return Value(LOSS_OUTPUT, dtype, ())
-
