@@ -53,7 +53,7 @@ def encode_initial_state(values: Mapping[str, np.ndarray]) -> str:
     """The `onnxbn:initial_state` metadata value for `{state input: starting value}`."""
     entries = []
     for name, value in values.items():
-        array = np.ascontiguousarray(value)
+        array = np.array(value, order="C")  # not ascontiguousarray: it makes scalars 1-D
         little = array.astype(array.dtype.newbyteorder("<"), copy=False)
         entries.append(
             {
