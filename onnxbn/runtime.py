@@ -220,7 +220,7 @@ class Session(StatefulSession):
     def _execute(self, feeds: dict[str, np.ndarray], output_names: list[str]) -> dict[str, Any]:
         try:
             if not self._bfloat16_io:
-                arrays = {k: np.ascontiguousarray(v) for k, v in feeds.items()}
+                arrays = {k: np.asarray(v, order="C") for k, v in feeds.items()}
                 return dict(zip(output_names, self._session.run(output_names, arrays)))
             values = {k: _to_ortvalue(v) for k, v in feeds.items()}
             results = self._session.run_with_ort_values(output_names, values)
@@ -281,12 +281,12 @@ class Session(StatefulSession):
         if array.dtype == _BFLOAT16:  # stays on the host; onnxruntime copies it in
             return _to_ortvalue(array)
         return onnxruntime.OrtValue.ortvalue_from_numpy(
-            np.ascontiguousarray(array), "cuda", self._device_id()
+            np.asarray(array, order="C"), "cuda", self._device_id()
         )
 
 
 def _to_ortvalue(array: np.ndarray) -> Any:
-    array = np.ascontiguousarray(array)
+    array = np.asarray(array, order="C")  # keeps 0-d arrays 0-d
     if array.dtype == _BFLOAT16:
         return onnxruntime.OrtValue.ortvalue_from_numpy_with_onnx_type(
             array.view(np.uint16), onnx_element_type=TensorProto.BFLOAT16

@@ -104,7 +104,9 @@ class Trainer:
 
     def _forward(self, x: Any) -> tuple[dict[int, Any], list[tuple[Any, Any]]]:
         """The training forward pass, keeping each layer call's pullback."""
-        feeds = self._feed_values((x,))  # type: ignore[attr-defined]
+        # A list of arrays is one per input (also for a single input); anything else is one input.
+        per_input = isinstance(x, (list, tuple)) and all(isinstance(a, np.ndarray) for a in x)
+        feeds = self._feed_values(tuple(x) if per_input else (x,))  # type: ignore[attr-defined]
         values: dict[int, Any] = {id(t): v for t, v in zip(self.inputs, feeds)}  # type: ignore
         tape: list[tuple[Any, Any]] = []
 

@@ -166,7 +166,7 @@ class LoweringContext:
         if dtype is not None:
             data = data.astype(to_numpy_dtype(dtype))
         name = self.fresh(label)
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(data), name))
+        self.initializers.append(numpy_helper.from_array(np.array(data, order="C"), name))
         return Value(name, standardize_dtype(data.dtype), tuple(data.shape))
 
     def op(
