@@ -45,8 +45,8 @@ from __future__ import annotations
 import numpy as np
 
 from onnxbn.dtypes import is_float
-from onnxbn.layers.batch_normalization import BatchNormalization, normalize_axis
 from onnxbn.gradients import Gradients
+from onnxbn.layers.batch_normalization import BatchNormalization, normalize_axis
 from onnxbn.lowering import emit, moments, renormalization
 from onnxbn.lowering.batch_normalization_gradient import backward
 from onnxbn.lowering.context import CallRecord, LoweringContext, Value
