@@ -19,10 +19,10 @@ from collections.abc import Callable
 from typing import Any
 
 from onnxbn.dtypes import is_float
+from onnxbn.gradients import Gradients
 from onnxbn.layers import activation as activations
 from onnxbn.layers.activation import Activation, ReLU
 from onnxbn.lowering import emit
-from onnxbn.gradients import Gradients
 from onnxbn.lowering.context import CallRecord, LoweringContext, Value
 from onnxbn.lowering.registry import register_gradient, register_lowering
 

@@ -13,11 +13,12 @@ The node is an Identity, or a Cast when the input is not in the compute dtype
 
 from __future__ import annotations
 
+from onnxbn.gradients import Gradients
 from onnxbn.layers.dropout import Dropout
 from onnxbn.lowering import emit
-from onnxbn.lowering.activation import new_value
-from onnxbn.lowering.context import LoweringContext, Value
-from onnxbn.lowering.registry import register_lowering
+from onnxbn.lowering.activation import new_value, operand_gradient
+from onnxbn.lowering.context import CallRecord, LoweringContext, Value
+from onnxbn.lowering.registry import register_gradient, register_lowering
 
 
 @register_lowering(Dropout)
@@ -37,3 +38,9 @@ def lower_dropout(ctx: LoweringContext, op: Dropout, x: Value, *, training: bool
     del training  # never random in an export; documented above
     y = emit.cast(ctx, x, op.compute_dtype, label="Identity")
     return new_value(ctx, y, x)
+
+
+@register_gradient(Dropout)
+def dropout_gradient(ctx: LoweringContext, op: Dropout, call: CallRecord, dy: Value) -> Gradients:
+    """The identity's gradient: `dy` in the input's dtype (None for a non-float input)."""
+    return Gradients((operand_gradient(ctx, dy, call.operands[0]),))

@@ -8,6 +8,15 @@ first, which makes onnxruntime fail instead of reading a wrong row. The table
 is stored in the compute dtype (the eager layer rounds the gathered rows to it),
 so the gathered rows need no cast. With `mask_zero=True` the mask is the
 `NotEqual(inputs, 0)` node Keras records, lowered by `lowering/numpy_ops.py`.
+
+The table's gradient (train step) is `onehot(indices)^T @ dy`: an Equal of
+the indices against `arange(input_dim)`, cast, and one Gemm. ScatterND with
+`reduction="add"` would touch only the gathered rows, but it needs opset 16,
+onnxbn.reference lacks it and its support elsewhere is uneven; the one-hot
+MatMul runs everywhere, at the cost of a `(indices, input_dim)` matrix. In a
+train step the table is gathered in the working dtype and the rows cast to the
+compute dtype (the same values: the variable's dtype holds them exactly), so
+the gradient is accumulated in the working dtype.
 """
 
 from __future__ import annotations
@@ -15,12 +24,13 @@ from __future__ import annotations
 import numpy as np
 
 from onnxbn.dtypes import is_float
+from onnxbn.gradients import Gradients
 from onnxbn.layers.embedding import Embedding
 from onnxbn.lowering import emit
-from onnxbn.lowering.activation import autocast
-from onnxbn.lowering.context import LoweringContext, Value
+from onnxbn.lowering.activation import autocast, gradient_input, trainable, working_dtype
+from onnxbn.lowering.context import CallRecord, LoweringContext, Value
 from onnxbn.lowering.dense import check_built
-from onnxbn.lowering.registry import register_lowering
+from onnxbn.lowering.registry import register_gradient, register_lowering
 
 
 @register_lowering(Embedding)
@@ -57,6 +67,34 @@ def lower_embedding(ctx: LoweringContext, op: Embedding, x: Value) -> Value:
         label="checked",
         dtype="int64",
     )
-    table = ctx.constant(np.asarray(op.embeddings.value), "embeddings", op.compute_dtype)
+    ctx.save("indices", indices)
     shape = None if x.shape is None else x.shape + (op.output_dim,)
-    return ctx.op("Gather", [table, indices], label="Gather", shape=shape, axis=0)
+    if not trainable(ctx, op.embeddings):
+        table = ctx.weight(op.embeddings, "embeddings", op.compute_dtype)
+        return ctx.op("Gather", [table, indices], label="Gather", shape=shape, axis=0)
+    table = ctx.weight(op.embeddings, "embeddings", working_dtype(op.compute_dtype))
+    rows = ctx.op("Gather", [table, indices], label="Gather", shape=shape, axis=0)
+    return emit.cast(ctx, rows, op.compute_dtype, label="output")
+
+
+@register_gradient(Embedding)
+def embedding_gradient(
+    ctx: LoweringContext, op: Embedding, call: CallRecord, dy: Value
+) -> Gradients:
+    """The table's gradient: each output row's `dy` added to its index's row.
+
+    Returns:
+        None for the indices; the `(input_dim, output_dim)` table gradient in the
+        working dtype when the table is train-step state.
+    """
+    if not trainable(ctx, op.embeddings):
+        return Gradients((None,))
+    g = gradient_input(ctx, op, dy)
+    flat = emit.reshape(ctx, call.saved["indices"], [None, 1], "index_column")
+    vocabulary = ctx.constant(np.arange(op.input_dim, dtype=np.int64)[None, :], "vocabulary")
+    onehot = ctx.op("Equal", [flat, vocabulary], label="onehot", dtype="bool")
+    onehot = emit.cast(ctx, onehot, g.dtype, label="onehot")
+    rows = emit.reshape(ctx, g, [None, op.output_dim], "dy_rows")
+    table = ctx.op("Gemm", [onehot, rows], label="d_embeddings",
+                   shape=(op.input_dim, op.output_dim), alpha=1.0, beta=1.0, transA=1, transB=0)  # fmt: skip
+    return Gradients((None,), {op.embeddings.path: table})

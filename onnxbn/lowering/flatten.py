@@ -7,11 +7,13 @@ so the element order is that of the channels-last layout, as in Keras.
 
 from __future__ import annotations
 
+from onnxbn.dtypes import is_float
+from onnxbn.gradients import Gradients
 from onnxbn.layers.flatten import Flatten
 from onnxbn.lowering import emit
-from onnxbn.lowering.activation import autocast
-from onnxbn.lowering.context import LoweringContext, Value
-from onnxbn.lowering.registry import register_lowering
+from onnxbn.lowering.activation import autocast, operand_gradient
+from onnxbn.lowering.context import CallRecord, LoweringContext, Value
+from onnxbn.lowering.registry import register_gradient, register_lowering
 
 
 @register_lowering(Flatten)
@@ -31,6 +33,7 @@ def lower_flatten(ctx: LoweringContext, op: Flatten, x: Value) -> Value:
     if op.data_format == "channels_first" and h.rank > 2:
         perm = [0] + list(range(2, h.rank)) + [1]
         h = ctx.op("Transpose", [h], label="channels_last", perm=perm)
+    ctx.save("unflattened", h)
     flat = shape[1]
     if flat == 0:
         # An empty row: 0 must mean 0 (allowzero), so the batch dim comes from Shape.
@@ -43,3 +46,17 @@ def lower_flatten(ctx: LoweringContext, op: Flatten, x: Value) -> Value:
     return ctx.op(
         "Reshape", [h, emit.ints(ctx, target, "shape")], label="Reshape", shape=shape, allowzero=0
     )
+
+
+@register_gradient(Flatten)
+def flatten_gradient(ctx: LoweringContext, op: Flatten, call: CallRecord, dy: Value) -> Gradients:
+    """`dy` reshaped back to the input's (run-time) shape and layout, in its dtype."""
+    x = call.operands[0]
+    if not is_float(x.dtype):
+        return Gradients((None,))
+    g = ctx.op("Reshape", [dy, emit.shape_of(ctx, call.saved["unflattened"])], label="dx",
+               allowzero=1)  # fmt: skip
+    if op.data_format == "channels_first" and x.rank > 2:
+        perm = [0, x.rank - 1] + list(range(1, x.rank - 1))
+        g = ctx.op("Transpose", [g], label="channels_first", perm=perm)
+    return Gradients((operand_gradient(ctx, g, x),))

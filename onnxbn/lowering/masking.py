@@ -10,12 +10,19 @@ reaches every layer whose call took it.
 
 from __future__ import annotations
 
+from onnxbn.gradients import Gradients
 from onnxbn.layers.masking import Masking
 from onnxbn.lowering import emit
-from onnxbn.lowering.activation import autocast, layer_output, working_dtype
-from onnxbn.lowering.context import LoweringContext, Value
+from onnxbn.lowering.activation import (
+    autocast,
+    gradient_input,
+    layer_output,
+    operand_gradient,
+    working_dtype,
+)
+from onnxbn.lowering.context import CallRecord, LoweringContext, Value
 from onnxbn.lowering.numpy_ops import any_of, not_equal
-from onnxbn.lowering.registry import register_lowering
+from onnxbn.lowering.registry import register_gradient, register_lowering
 
 
 @register_lowering(Masking)
@@ -36,8 +43,15 @@ def lower_masking(ctx: LoweringContext, op: Masking, x: Value) -> Value:
     work = working_dtype(op.compute_dtype)
     y = ctx.op(
         "Mul",
-        [emit.cast(ctx, h, work, "input"), emit.cast(ctx, keep, work, "keep")],
+        [emit.cast(ctx, h, work, "input"), ctx.save("keep", emit.cast(ctx, keep, work, "keep"))],
         label="masked",
         shape=h.shape,
     )
     return layer_output(ctx, op, y)
+
+
+@register_gradient(Masking)
+def masking_gradient(ctx: LoweringContext, op: Masking, call: CallRecord, dy: Value) -> Gradients:
+    """`dy` at the kept timesteps, 0 at the masked ones, in the input's dtype."""
+    g = ctx.op("Mul", [gradient_input(ctx, op, dy), call.saved["keep"]], label="dx")
+    return Gradients((operand_gradient(ctx, g, call.operands[0]),))

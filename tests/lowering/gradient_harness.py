@@ -107,9 +107,7 @@ def gradient_model(
         infos.append(helper.make_tensor_value_info(name, onnx_dtype(value.dtype), dims))
     for path, value in ctx.initial_state().items():
         feeds[path] = value
-    graph = helper.make_graph(
-        nodes, "gradient", ctx.inputs, infos + state_infos, ctx.initializers
-    )
+    graph = helper.make_graph(nodes, "gradient", ctx.inputs, infos + state_infos, ctx.initializers)
     opsets = [helper.make_opsetid("", opset)]
     model = helper.make_model(
         graph, opset_imports=opsets, ir_version=helper.find_min_ir_version_for(opsets)
