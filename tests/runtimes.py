@@ -101,7 +101,7 @@ def _openvino(model: onnx.ModelProto) -> Runner:
 
 def _ov_tensor(ov, array: np.ndarray):
     """An OpenVINO tensor; bfloat16 bits copied into a bf16 tensor (NumPy has no bfloat16)."""
-    array = np.ascontiguousarray(array)
+    array = np.asarray(array, order="C")  # keeps 0-d arrays 0-d
     if array.dtype != ml_dtypes.bfloat16:
         return ov.Tensor(array)
     tensor = ov.Tensor(ov.Type.bf16, list(array.shape))
@@ -126,7 +126,7 @@ def _tract(model: onnx.ModelProto) -> Runner:
     order = [i.name for i in model.graph.input if i.name not in _initializer_names(model)]
 
     def run(feeds):
-        results = runnable.run([np.ascontiguousarray(feeds[n]) for n in order])
+        results = runnable.run([np.asarray(feeds[n], order="C") for n in order])
         return [r.to_numpy() for r in results]
 
     return run

@@ -203,7 +203,7 @@ def test_example_train_step_matches_the_float64_oracle(name, optimizer_name, run
 def eager_loss(twin, feeds, target, loss_name) -> float:
     from onnxbn import losses
 
-    y = twin([feeds[t.name] for t in twin.inputs], training=True)
+    y = twin(dict(feeds), training=True)
     total = float(losses.get(loss_name)(target, y))
     return total + float(sum(twin.losses))
 
