@@ -18,14 +18,14 @@ optimization and runs as fast as the same network built channels_first (2.86
 vs 2.89 ms); the training export keeps 21, because the BatchNormalization
 training lowering reduces over the channels-last layout between the
 convolutions, and costs 6.6 ms against 5.3 ms channels_first. The
-Transpose-free alternative, the patches + MatMul form below used in float32
-too, runs the same inference export in 8.4 ms (2.9x).
+Transpose-free alternative, the patches + MatMul form of float64 used in
+float32 too, runs the same inference export in 8.4 ms (2.9x).
 
 float64 policies are computed in float64, which onnxruntime's Conv does not
 implement; they lower to patches + MatMul on the channels-last data (Pad, one
 strided Slice per kernel offset, Concat, MatMul with the reshaped kernel; a
 grouped convolution batches the MatMul over groups), with no Transpose of the
-data for `channels_last`.
+data for `channels_last` (`lowering/conv_patches.py`).
 
 The gradient (train step) follows the same split. The kernel and bias
 gradients of both come from the patches of the channels-last input: `patches^T
@@ -34,8 +34,9 @@ dilated by the strides (zeros between its steps) with the flipped kernel, its
 in and out channels swapped; it runs on every runtime, where ConvTranspose is
 missing from onnxbn.reference and its output sizes need care on the others.
 The float64 input gradient scatters `dz @ kernel^T` back onto the padded input,
-one Pad per kernel offset, summed (onnxruntime has no float64 Conv). Strides > 1
-need static spatial sizes there: the padding of each offset depends on them.
+one Pad per kernel offset, summed (onnxruntime has no float64 Conv). With a
+stride > 1 the gradient needs static spatial sizes: the zeros spread between
+the steps of `dz` are laid out for a known length.
 
 In a train step the kernel is a graph input in Keras's layout; the re-layouts
 done in NumPy for a constant kernel become Transpose/Reshape nodes then.
@@ -43,13 +44,10 @@ done in NumPy for a constant kernel become Transpose/Reshape nodes then.
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 
 from onnxbn.gradients import Gradients
 from onnxbn.layers.conv import BaseConv
-from onnxbn.layers.conv_arithmetic import conv_padding
 from onnxbn.lowering import emit
 from onnxbn.lowering.activation import (
     activation_gradient,
@@ -62,11 +60,21 @@ from onnxbn.lowering.activation import (
     trainable,
 )
 from onnxbn.lowering.context import CallRecord, LoweringContext, Value
+from onnxbn.lowering.conv_patches import (
+    axis_tails,
+    by_group,
+    conv_bias,
+    conv_pads,
+    conv_patches,
+    dilate,
+    extract_patches,
+    kernel_gradient,
+    out_sizes,
+    patches_input_gradient,
+    static_pads,
+)
 from onnxbn.lowering.dense import check_built, weight64
 from onnxbn.lowering.registry import register_gradient, register_lowering
-
-# Slice end meaning "to the end of the axis".
-_TO_END = np.iinfo(np.int64).max
 
 
 @register_lowering(BaseConv)
@@ -107,7 +115,7 @@ def lower_conv(ctx: LoweringContext, op: BaseConv, x: Value) -> Value:
     if h.dtype == "float64":
         if not channels_last:
             h = _transpose(ctx, h, _to_last(rank), "channels_last")
-        y = _conv_patches(ctx, op, ctx.save("input_last", h), spatial, kernel)
+        y = conv_patches(ctx, op, ctx.save("input_last", h), spatial, kernel)
         if not channels_last:
             y = _transpose(ctx, y, _to_first(rank), "channels_first")
         return layer_output(ctx, op, _activate(ctx, op, y))
@@ -147,22 +155,7 @@ def _transpose(ctx: LoweringContext, x: Value, perm: list[int], label: str) -> V
     return ctx.op("Transpose", [x], label=label, shape=shape, perm=perm)
 
 
-def _pads(op: BaseConv, spatial: tuple, kernel_size: tuple) -> list[tuple[int, int]] | None:
-    """`(before, after)` per spatial axis, or None when they depend on a dynamic size."""
-    pads = []
-    for size, k, s, d in zip(spatial, kernel_size, op.strides, op.dilation_rate):
-        if op.padding == "same" and s > 1 and size is None:
-            return None
-        # With stride 1, "same" pads span - 1 whatever the size (0 stands in for it).
-        pads.append(conv_padding(size or 0, k, s, d, op.padding))
-    return pads
-
-
 # -- float32: one Conv node --------------------------------------------------------------
-def _bias(ctx: LoweringContext, op: BaseConv, dtype: str) -> Value | None:
-    return None if op.bias is None else ctx.weight(op.bias, "bias", dtype)
-
-
 def _conv_node(ctx, op: BaseConv, x: Value, spatial: tuple, kernel) -> Value:
     rank = op.rank
     kernel_size = tuple(kernel.shape[:rank])
@@ -174,9 +167,9 @@ def _conv_node(ctx, op: BaseConv, x: Value, spatial: tuple, kernel) -> Value:
     else:
         w = ctx.constant(np.transpose(kernel, perm), "kernel", x.dtype)
     ctx.save("kernel_oi", w)
-    bias = _bias(ctx, op, x.dtype)
+    bias = conv_bias(ctx, op, x.dtype)
     inputs = [x, w] if bias is None else [x, w, bias]
-    pads = _pads(op, spatial, kernel_size)
+    pads = conv_pads(op, spatial, kernel_size)
     if pads is None:
         padding = {"auto_pad": "SAME_UPPER"}
     else:
@@ -191,97 +184,6 @@ def _conv_node(ctx, op: BaseConv, x: Value, spatial: tuple, kernel) -> Value:
         group=op.groups,
         **padding,
     )
-
-
-# -- float64: patches + MatMul, channels last -----------------------------------------------
-def _static_pads(op: BaseConv, spatial: tuple, kernel_size: tuple, what: str) -> list:
-    pads = _pads(op, spatial, kernel_size)
-    if pads is None:
-        raise ValueError(
-            f"Layer {op.name!r}: {what} with padding='same' and strides={op.strides} needs "
-            f"static spatial sizes, received {spatial}; fix the input's spatial dims"
-            + (" or use a float32 policy." if what.startswith("a float64") else ".")
-        )
-    return pads
-
-
-def _patches(ctx, op: BaseConv, x: Value, spatial: tuple, kernel_size: tuple) -> Value:
-    """`(N, *out, taps * C)`: the input under each kernel offset, offsets outermost."""
-    rank = op.rank
-    pads = _static_pads(op, spatial, kernel_size, "a float64 convolution")
-    if any(p != (0, 0) for p in pads):
-        flat = [0] + [p[0] for p in pads] + [0, 0] + [p[1] for p in pads] + [0]
-        x = ctx.op("Pad", [x, emit.ints(ctx, flat, "pads")], label="padded", mode="constant")
-    axes = emit.ints(ctx, range(1, rank + 1), "axes")
-    steps = emit.ints(ctx, op.strides, "steps")
-    patches = []
-    for offset in itertools.product(*(range(k) for k in kernel_size)):
-        starts = [o * d for o, d in zip(offset, op.dilation_rate)]
-        # A negative end trims what the last window needs past this offset, so every
-        # offset yields the same number of steps, whatever the input size.
-        ends = [
-            -(d * (k - 1) - start) if d * (k - 1) > start else _TO_END
-            for k, d, start in zip(kernel_size, op.dilation_rate, starts)
-        ]
-        patches.append(
-            ctx.op(
-                "Slice",
-                [x, emit.ints(ctx, starts, "starts"), emit.ints(ctx, ends, "ends"), axes, steps],
-                label="patch",
-            )
-        )
-    return patches[0] if len(patches) == 1 else ctx.op("Concat", patches, label="patches", axis=-1)
-
-
-def _by_group(ctx, op: BaseConv, cat: Value, taps: int, cin_group: int) -> Value:
-    """`(.., taps * C)` patches as `(.., groups, 1, taps * C / groups)` rows."""
-    rank, groups = op.rank, op.groups
-    keep = [0] * (rank + 1)  # Reshape's 0 copies batch and output spatial dims
-    grouped = emit.ints(ctx, keep + [taps, groups, cin_group], "shape")
-    cat = ctx.op("Reshape", [cat, grouped], label="grouped", allowzero=0)
-    perm = list(range(rank + 1)) + [rank + 2, rank + 1, rank + 3]
-    cat = ctx.op("Transpose", [cat], label="by_group", perm=perm)
-    rows = emit.ints(ctx, keep + [groups, 1, taps * cin_group], "shape")
-    return ctx.op("Reshape", [cat, rows], label="rows", allowzero=0)
-
-
-def _kernel_matrix(ctx, op: BaseConv, kernel, dtype: str) -> Value:
-    """The kernel as the MatMul operand: `(taps * C, F)`, or `(groups, taps * C/g, F/g)`."""
-    groups, filters = op.groups, kernel.shape[-1]
-    taps, cin_group = int(np.prod(kernel.shape[: op.rank])), kernel.shape[-2]
-    if not trainable(ctx, op.kernel):
-        if groups == 1:
-            return ctx.constant(kernel.reshape(taps * cin_group, filters), "kernel", dtype)
-        w = kernel.reshape(taps, cin_group, groups, filters // groups).transpose(2, 0, 1, 3)
-        return ctx.constant(w.reshape(groups, taps * cin_group, filters // groups), "kernel", dtype)
-    w = ctx.weight(op.kernel, "kernel", dtype)
-    if groups == 1:
-        return emit.reshape(ctx, w, [taps * cin_group, filters], "kernel_matrix")
-    w = emit.reshape(ctx, w, [taps, cin_group, groups, filters // groups], "kernel_grouped")
-    w = ctx.op("Transpose", [w], label="kernel_by_group", perm=[2, 0, 1, 3])
-    return emit.reshape(ctx, w, [groups, taps * cin_group, filters // groups], "kernel_matrix")
-
-
-def _conv_patches(ctx, op: BaseConv, x: Value, spatial: tuple, kernel) -> Value:
-    """Channels-last convolution as strided slices of the padded input and one MatMul."""
-    rank, groups = op.rank, op.groups
-    kernel_size = tuple(kernel.shape[:rank])
-    cin_group, filters = kernel.shape[rank], kernel.shape[rank + 1]
-    cat = _patches(ctx, op, x, spatial, kernel_size)
-    taps = int(np.prod(kernel_size))
-    if groups == 1:
-        w = ctx.save("kernel_matrix", _kernel_matrix(ctx, op, kernel, x.dtype))
-        y = ctx.op("MatMul", [ctx.save("patches", cat), w], label="MatMul")
-    else:
-        rows = ctx.save("patches", _by_group(ctx, op, cat, taps, cin_group))
-        w = ctx.save("kernel_matrix", _kernel_matrix(ctx, op, kernel, x.dtype))
-        y = ctx.op("MatMul", [rows, w], label="MatMul")
-        keep = [0] * (rank + 1)
-        y = ctx.op("Reshape", [y, emit.ints(ctx, keep + [filters], "shape")], allowzero=0)
-    bias = _bias(ctx, op, x.dtype)
-    if bias is not None:
-        y = ctx.op("Add", [y, bias], label="biased")
-    return y
 
 
 # -- gradient -------------------------------------------------------------------------------
@@ -314,7 +216,7 @@ def conv_gradient(ctx: LoweringContext, op: BaseConv, call: CallRecord, dy: Valu
             f"Layer {op.name!r}: the gradient of a convolution with strides={op.strides} "
             f"needs static spatial sizes, received {spatial}."
         )
-    pads = _static_pads(op, spatial, kernel_size, "the gradient of a convolution")
+    pads = static_pads(op, spatial, kernel_size, "the gradient of a convolution")
     dy = gradient_input(ctx, op, dy)
     float64 = dy.dtype == "float64"
     # The activation ran in the layer's format, except channels first in a float32
@@ -336,7 +238,7 @@ def conv_gradient(ctx: LoweringContext, op: BaseConv, call: CallRecord, dy: Valu
             ctx, "ReduceSum", dz_last, axes, keepdims=False, label="d_bias", shape=op.bias.shape
         )
     if float64:
-        dh_last = _patches_input_gradient(ctx, op, saved, dz_last, spatial, pads)
+        dh_last = patches_input_gradient(ctx, op, saved, dz_last, spatial, pads)
         dh = dh_last if channels_last else _transpose(ctx, dh_last, _to_first(rank), "dx_first")
     else:
         dh = _conv_input_gradient(ctx, op, saved["kernel_oi"], dz_first, spatial, pads)
@@ -349,75 +251,12 @@ def conv_gradient(ctx: LoweringContext, op: BaseConv, call: CallRecord, dy: Valu
             h_last = saved.get("input_last")
             if h_last is None:
                 h_last = _transpose(ctx, saved["input_first"], _to_last(rank), "input_last")
-            patches = _patches(ctx, op, h_last, spatial, kernel_size)
+            patches = extract_patches(ctx, op, h_last, spatial, kernel_size)
             if op.groups > 1:
                 taps = int(np.prod(kernel_size))
-                patches = _by_group(ctx, op, patches, taps, op.kernel.shape[-2])
-        weights[op.kernel.path] = _kernel_gradient(ctx, op, patches, dz_last)
+                patches = by_group(ctx, op, patches, taps, op.kernel.shape[-2])
+        weights[op.kernel.path] = kernel_gradient(ctx, op, patches, dz_last)
     return Gradients((operand_gradient(ctx, dh, x),), weights)
-
-
-def _kernel_gradient(ctx, op: BaseConv, patches: Value, dz: Value) -> Value:
-    """`patches^T @ dz` summed over every output position, per group, in Keras's layout."""
-    kernel_shape = tuple(op.kernel.shape)
-    groups, filters, cin_group = op.groups, kernel_shape[-1], kernel_shape[-2]
-    depth = int(np.prod(kernel_shape[:-1]))  # taps * C / groups
-    if groups == 1:
-        rows = emit.reshape(ctx, patches, [None, depth], "patch_rows")
-        d_rows = emit.reshape(ctx, dz, [None, filters], "dz_rows")
-        dw = ctx.op("Gemm", [rows, d_rows], label="d_kernel_matrix", alpha=1.0, beta=1.0,
-                    transA=1, transB=0)  # fmt: skip
-        return emit.reshape(ctx, dw, list(kernel_shape), "d_kernel")
-    per_group = filters // groups
-    rows = emit.reshape(ctx, patches, [None, groups, depth], "patch_rows")
-    rows = ctx.op("Transpose", [rows], label="patch_cols", perm=[1, 2, 0])
-    d_rows = emit.reshape(ctx, dz, [None, groups, per_group], "dz_rows")
-    d_rows = ctx.op("Transpose", [d_rows], label="dz_by_group", perm=[1, 0, 2])
-    dw = ctx.op("MatMul", [rows, d_rows], label="d_kernel_matrix")
-    taps = depth // cin_group
-    dw = emit.reshape(ctx, dw, [groups, taps, cin_group, per_group], "d_kernel_grouped")
-    dw = ctx.op("Transpose", [dw], label="d_kernel_by_tap", perm=[1, 2, 0, 3])
-    return emit.reshape(ctx, dw, list(kernel_shape), "d_kernel")
-
-
-def _tails(op: BaseConv, spatial: tuple, pads: list, kernel_size: tuple) -> list[int]:
-    """Per spatial axis, the padded input's elements past the last window (0 at stride 1)."""
-    return [
-        0 if s == 1 else (size + before + after - d * (k - 1) - 1) % s
-        for size, (before, after), k, s, d in zip(
-            spatial, pads, kernel_size, op.strides, op.dilation_rate
-        )
-    ]
-
-
-def _dilate(ctx, x: Value, dims: list, axes: list[int], strides) -> Value:
-    """`x` (of static `dims` but the batch) with `stride - 1` zeros between its steps on `axes`."""
-    dims = list(dims)
-    for axis, s in zip(axes, strides):
-        if s == 1:
-            continue
-        # (.., n, ..) -> (.., n, 1, ..) -> Pad -> (.., n, s, ..) -> (.., n*s, ..) -> first n*s-s+1
-        n = dims[axis]
-        x = ctx.op("Unsqueeze", [x, emit.ints(ctx, [axis + 1], "axes")], label="spread")
-        flat = [0] * (2 * (len(dims) + 1))
-        flat[len(dims) + 1 + axis + 1] = s - 1
-        x = ctx.op("Pad", [x, emit.ints(ctx, flat, "pads")], label="spread", mode="constant")
-        target = [0] + dims[1:axis] + [n * s] + dims[axis + 1 :]  # Reshape's 0: the batch
-        x = ctx.op("Reshape", [x, emit.ints(ctx, target, "shape")], label="spread", allowzero=0)
-        ends = emit.ints(ctx, [n * s - s + 1], "ends")
-        x = ctx.op("Slice", [x, emit.ints(ctx, [0], "starts"), ends, emit.ints(ctx, [axis], "axes")],
-                   label="dilated")  # fmt: skip
-        dims[axis] = n * s - s + 1
-    return x
-
-
-def _out_sizes(op: BaseConv, spatial: tuple, pads: list, kernel_size: tuple) -> list:
-    return [
-        None if size is None else (size + before + after - d * (k - 1) - 1) // s + 1
-        for size, (before, after), k, s, d in zip(
-            spatial, pads, kernel_size, op.strides, op.dilation_rate
-        )
-    ]
 
 
 def _conv_input_gradient(ctx, op: BaseConv, w: Value, dz: Value, spatial, pads) -> Value:
@@ -433,11 +272,11 @@ def _conv_input_gradient(ctx, op: BaseConv, w: Value, dz: Value, spatial, pads) 
         if k > 1:
             flipped = emit.ints(ctx, range(k - 1, -1, -1), "flipped")
             w = ctx.op("Gather", [w, flipped], label="kernel_flipped", axis=axis + 2)
-    dims = [None, filters] + _out_sizes(op, spatial, pads, kernel_size)
-    dz = _dilate(ctx, dz, dims, list(range(2, rank + 2)), op.strides)
+    dims = [None, filters] + out_sizes(op, spatial, pads, kernel_size)
+    dz = dilate(ctx, dz, dims, list(range(2, rank + 2)), op.strides)
     front, back = [], []
     for k, d, (before, after), tail in zip(
-        kernel_size, op.dilation_rate, pads, _tails(op, spatial, pads, kernel_size)
+        kernel_size, op.dilation_rate, pads, axis_tails(op, spatial, pads, kernel_size)
     ):
         front.append(d * (k - 1) - before)
         back.append(d * (k - 1) + tail - after)
@@ -452,59 +291,3 @@ def _conv_input_gradient(ctx, op: BaseConv, w: Value, dz: Value, spatial, pads) 
         auto_pad="NOTSET",
         pads=front + back,
     )
-
-
-def _patches_input_gradient(ctx, op: BaseConv, saved: dict, dz: Value, spatial, pads) -> Value:
-    """Channels last: `dz @ kernel^T` per offset, padded back to its window and summed."""
-    rank, groups = op.rank, op.groups
-    kernel_size = tuple(op.kernel.shape[:rank])
-    cin_group, filters = op.kernel.shape[rank], op.kernel.shape[rank + 1]
-    channels, taps = cin_group * groups, int(np.prod(kernel_size))
-    w = saved["kernel_matrix"]
-    keep = [0] * (rank + 1)  # Reshape's 0 copies batch and output spatial dims
-    if groups == 1:
-        wt = ctx.op("Transpose", [w], label="kernel_t", perm=[1, 0])
-        dp = ctx.op("MatMul", [dz, wt], label="d_patches")
-    else:
-        dzg = ctx.op("Reshape", [dz, emit.ints(ctx, keep + [groups, 1, filters // groups],
-                     "shape")], label="dz_grouped", allowzero=0)  # fmt: skip
-        wt = ctx.op("Transpose", [w], label="kernel_t", perm=[0, 2, 1])
-        dp = ctx.op("MatMul", [dzg, wt], label="d_rows")
-        dp = ctx.op("Reshape", [dp, emit.ints(ctx, keep + [groups, taps, cin_group], "shape")],
-                    label="d_grouped", allowzero=0)  # fmt: skip
-        perm = list(range(rank + 1)) + [rank + 2, rank + 1, rank + 3]
-        dp = ctx.op("Transpose", [dp], label="d_by_tap", perm=perm)
-        dp = ctx.op("Reshape", [dp, emit.ints(ctx, keep + [taps * channels], "shape")],
-                    label="d_patches", allowzero=0)  # fmt: skip
-    outs = _out_sizes(op, spatial, pads, kernel_size)
-    dp = _dilate(ctx, dp, [None, *outs, taps * channels], list(range(1, rank + 1)), op.strides)
-    tails = _tails(op, spatial, pads, kernel_size)
-    pieces = []
-    for t, offset in enumerate(itertools.product(*(range(k) for k in kernel_size))):
-        piece = ctx.op(
-            "Slice",
-            [dp, emit.ints(ctx, [t * channels], "starts"),
-             emit.ints(ctx, [(t + 1) * channels], "ends"), emit.ints(ctx, [-1], "axes")],
-            label="d_patch",
-        )  # fmt: skip
-        front = [o * d for o, d in zip(offset, op.dilation_rate)]
-        back = [
-            d * (k - 1) - f + tail
-            for k, d, f, tail in zip(kernel_size, op.dilation_rate, front, tails)
-        ]
-        if any(front) or any(back):
-            flat = [0] + front + [0, 0] + back + [0]
-            piece = ctx.op("Pad", [piece, emit.ints(ctx, flat, "pads")], label="d_window",
-                           mode="constant")  # fmt: skip
-        pieces.append(piece)
-    total = pieces[0] if len(pieces) == 1 else ctx.op("Sum", pieces, label="d_padded")
-    if all(p == (0, 0) for p in pads):
-        return total
-    starts = [before for before, _ in pads]
-    ends = [-after if after else _TO_END for _, after in pads]
-    return ctx.op(
-        "Slice",
-        [total, emit.ints(ctx, starts, "starts"), emit.ints(ctx, ends, "ends"),
-         emit.ints(ctx, range(1, rank + 1), "axes")],
-        label="d_input",
-    )  # fmt: skip
