@@ -32,8 +32,11 @@ def _caster(dtype):
     return lambda x: np.asarray(x, np.float64).astype(np_dtype).astype(np.float64)
 
 
-def keras_sgd(w, grads, dtype, learning_rate=0.01, momentum=0.0, nesterov=False):
-    """`SGD.update_step` over `grads`; returns the weights after each step and the momentum."""
+def keras_sgd(
+    w, grads, dtype, learning_rate=0.01, momentum=0.0, nesterov=False, project=lambda w: w
+):
+    """`SGD.update_step` over `grads`, then `project` (the constraint) after each step;
+    returns the weights after each step and the momentum."""
     cast = _caster(dtype)
     lr = cast(np.float32(learning_rate))
     w, m, history = cast(w), np.zeros(np.shape(w)), []
@@ -45,12 +48,23 @@ def keras_sgd(w, grads, dtype, learning_rate=0.01, momentum=0.0, nesterov=False)
             w = cast(w + (m * mom - g * lr)) if nesterov else cast(w + m)
         else:
             w = cast(w - g * lr)
+        w = cast(project(w))
         history.append(w)
     return history, m
 
 
-def keras_adam(w, grads, dtype, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7):
-    """`Adam.update_step` over `grads`; returns the weights after each step, m and v."""
+def keras_adam(
+    w,
+    grads,
+    dtype,
+    learning_rate=0.001,
+    beta_1=0.9,
+    beta_2=0.999,
+    epsilon=1e-7,
+    project=lambda w: w,
+):
+    """`Adam.update_step` over `grads`, then `project` (the constraint) after each step;
+    returns the weights after each step, m and v."""
     cast = _caster(dtype)
     lr = cast(np.float32(learning_rate))
     w, m, v, history = cast(w), np.zeros(np.shape(w)), np.zeros(np.shape(w)), []
@@ -63,6 +77,7 @@ def keras_adam(w, grads, dtype, learning_rate=0.001, beta_1=0.9, beta_2=0.999, e
         m = cast(m + (g - m) * cast(1 - beta_1))
         v = cast(v + (np.square(g) - v) * cast(1 - beta_2))
         w = cast(w - (m * alpha) / (np.sqrt(v) + cast(epsilon)))
+        w = cast(project(w))
         history.append(w)
     return history, m, v
 
