@@ -19,7 +19,7 @@ Every shape is dynamic except the class count of the sparse loss.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -274,6 +274,15 @@ def _mean_absolute_error(ctx, loss, y_true, y_pred):
     return _elementwise_error(ctx, loss, y_true, y_pred, squared=False)
 
 
+def _sigmoid(ctx: LoweringContext, x: Value, one: Value) -> Value:
+    """`1 / (1 + exp(-x))`, the NumPy backend's formula (tract has no float64 Sigmoid)."""
+    exp = ctx.op(
+        "Exp", [ctx.op("Neg", [x], label="neg_logits", shape=x.shape)], label="exp", shape=x.shape
+    )
+    denominator = ctx.op("Add", [one, exp], label="denominator", shape=x.shape)
+    return ctx.op("Div", [one, denominator], label="probability", shape=x.shape)
+
+
 def _binary_crossentropy(
     ctx: LoweringContext, loss: Any, t: Value, y_pred: Value
 ) -> tuple[Value, Backward]:
@@ -282,13 +291,9 @@ def _binary_crossentropy(
     if loss.label_smoothing:
         half = _scalar(ctx, 0.5 * loss.label_smoothing, dtype, "half_smoothing")
         t = _smooth(ctx, t, loss.label_smoothing, half)
-    p = (
-        ctx.op("Sigmoid", [y_pred], label="probability", shape=shape)
-        if loss.from_logits
-        else y_pred
-    )
-    c, inside = _clip(ctx, p)
     one = _scalar(ctx, 1.0, dtype, "one")
+    p = _sigmoid(ctx, y_pred, one) if loss.from_logits else y_pred
+    c, inside = _clip(ctx, p)
     not_t = ctx.op("Sub", [one, t], label="not_target", shape=shape)
     not_c = ctx.op("Sub", [one, c], label="not_clipped", shape=shape)
     log_c = ctx.op("Log", [c], label="log_p", shape=shape)
@@ -425,8 +430,17 @@ _RULES: dict[type, Callable[..., tuple[Value, Backward]]] = {
 # -- reduction -----------------------------------------------------------------------------
 
 
-def _all_axes(value: Value) -> Sequence[int]:
-    return list(range(value.rank))
+def _sum_all(ctx: LoweringContext, x: Value, label: str) -> Value:
+    """The sum of every element of `x` (rank >= 1) as a scalar, 0 when `x` is empty.
+
+    A rank-1 `x` is summed as `(1, n)`: tract panics on a ReduceSum over the
+    only axis of an empty vector (a division by zero in its kernel).
+    """
+    if x.rank == 1:
+        x = ctx.op("Unsqueeze", [x, emit.ints(ctx, [0], "axes")], label=label, shape=(1, *x.shape))
+    return emit.reduce(
+        ctx, "ReduceSum", x, list(range(x.rank)), keepdims=False, label=label, shape=()
+    )
 
 
 def _reduce(
@@ -451,19 +465,7 @@ def _reduce(
         total = emit.cast(
             ctx, ctx.op("Size", [valid], dtype="int64", label="total", shape=()), dtype, "total"
         )
-        count = (
-            emit.reduce(
-                ctx,
-                "ReduceSum",
-                flags,
-                _all_axes(flags),
-                keepdims=False,
-                label="valid_count",
-                shape=(),
-            )
-            if flags.rank
-            else flags
-        )
+        count = _sum_all(ctx, flags, "valid_count") if flags.rank else flags
         mask_weight = ctx.op(
             "Div", [total, _safe_divisor(ctx, count)], label="mask_weight", shape=()
         )
@@ -479,9 +481,7 @@ def _reduce(
         ctx, ctx.op("Size", [weighted], dtype="int64", label="size", shape=()), dtype, "size"
     )
     divisor = _safe_divisor(ctx, size)
-    total_loss = emit.reduce(
-        ctx, "ReduceSum", weighted, _all_axes(weighted), keepdims=False, label="loss_sum", shape=()
-    )
+    total_loss = _sum_all(ctx, weighted, "loss_sum")
     loss = ctx.op("Div", [total_loss, divisor], label="mean_loss", shape=())
     if weight is None:
         inverse = ctx.op("Reciprocal", [divisor], label="dloss", shape=())
