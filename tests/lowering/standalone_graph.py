@@ -7,7 +7,6 @@ every state's `/new`, and `run(runtime, model, feeds)` its outputs by name.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -36,24 +35,3 @@ def run(runtime: str, proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> d
     """`{output name: array}` of one run of `proto` on `runtime` (see tests/runtimes.py)."""
     names = [o.name for o in proto.graph.output]
     return dict(zip(names, (np.asarray(r) for r in load(runtime, proto)(feeds))))
-
-
-@functools.cache
-def scalar_feed_problem(runtime: str) -> str | None:
-    """Why `runtime`'s runner cannot feed a rank-0 array (the step counter), or None.
-
-    Probes an Identity graph, so the skip goes away once the runner keeps the
-    rank of a 0-d feed (`np.ascontiguousarray` makes it shape `(1,)`).
-    """
-    info = helper.make_tensor_value_info("x", onnx.TensorProto.INT64, [])
-    out = helper.make_tensor_value_info("y", onnx.TensorProto.INT64, [])
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [info], [out])
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    proto.ir_version = 8
-    try:
-        (y,) = load(runtime, proto)({"x": np.array(3, np.int64)})
-    except Exception as err:  # noqa: BLE001 - any failure is the reason to report
-        return f"the {runtime} runner of tests/runtimes.py cannot feed a rank-0 array: {err}"[:300]
-    if np.shape(y) != ():
-        return f"the {runtime} runner returns a rank-0 output as shape {np.shape(y)}"
-    return None

@@ -18,7 +18,7 @@ from onnxbn.lowering.context import LoweringContext
 from onnxbn.lowering.optimizers import lower_update
 from onnxbn.optimizers import SGD, Adam, Optimizer
 from onnxbn.variable import Variable
-from tests.lowering.standalone_graph import model, run, scalar_feed_problem
+from tests.lowering.standalone_graph import model, run
 from tests.runtimes import RUNTIMES, skip_reason
 from tests.test_optimizers import keras_adam, keras_sgd
 
@@ -95,7 +95,7 @@ def _expected(cls, kwargs, variables, initial, steps, dtype):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
 @pytest.mark.parametrize(("cls", "kwargs"), CASES, ids=lambda c: getattr(c, "__name__", repr(c)))
 def test_steps_match_keras_formulas(cls, kwargs, dtype, runtime):
-    reason = skip_reason(runtime, {dtype}) or scalar_feed_problem(runtime)
+    reason = skip_reason(runtime, {dtype})
     if reason:
         pytest.skip(reason)
     # OpenVINO computes a float64 graph in float32 (as tests/conformance notes).
