@@ -11,7 +11,11 @@ import pytest
 
 from onnxbn import constraints
 from onnxbn.constraints import MaxNorm, MinMaxNorm, NonNeg, UnitNorm
+from onnxbn.dtypes import standardize_dtype
+from onnxbn.lowering.constraints import lower_constraint
+from onnxbn.lowering.context import LoweringContext
 from tests.keras_fixtures import keras_envelopes
+from tests.lowering.standalone_graph import model, run
 
 EPS = 1e-7  # keras.config.epsilon()
 
@@ -209,3 +213,58 @@ def test_deserialize_errors():
         )
     with pytest.raises(TypeError, match="of type tuple"):
         constraints.deserialize(("NonNeg",))
+
+
+# -- ONNX lowering: the same formulas on runtimes ----------------------------------
+
+
+def _lowered(constraint, w, opset=18):
+    ctx = LoweringContext(opset)
+    value = ctx.add_input("w", standardize_dtype(w.dtype), list(w.shape))
+    projected = lower_constraint(ctx, constraint, value)
+    return model(ctx, [projected]), projected.name
+
+
+LOWERING_RTOL = {"float16": 1e-3, "bfloat16": 1e-2, "float32": 2e-6, "float64": 1e-12}
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "onnxbn.reference"])
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+@pytest.mark.parametrize(("constraint", "formula"), CASES, ids=repr)
+def test_lowering_matches_float64_formula(constraint, formula, dtype, runtime):
+    w = W.astype(dtype)
+    proto, name = _lowered(constraint, w)
+    (result,) = run(runtime, proto, {"w": w}).values()
+    assert result.dtype == w.dtype and result.shape == w.shape
+    rtol = LOWERING_RTOL[dtype]
+    np.testing.assert_allclose(result.astype(np.float64), formula(w.astype(np.float64)),
+                               rtol=rtol, atol=rtol)  # fmt: skip
+
+
+def test_lowering_is_portable_and_keeps_nan():
+    w = np.array([[np.nan, -1.0], [2.0, -3.0]], np.float32)
+    for opset in (15, 21):
+        proto, _ = _lowered(NonNeg(), w, opset)
+        (result,) = run("onnxruntime", proto, {"w": w}).values()
+        np.testing.assert_array_equal(result, [[np.nan, 0.0], [2.0, 0.0]])
+        proto, _ = _lowered(MinMaxNorm(0.5, 1.0, 0.5, axis=[0, 1]), w, opset)
+        assert not {n.op_type for n in proto.graph.node} & {"Max", "Min", "Clip"}
+        (result,) = run("onnxbn.reference", proto, {"w": w}).values()
+        assert np.isnan(result).all()  # the NaN entry's norm is NaN, as eagerly
+
+
+def test_lowering_errors():
+    ctx = LoweringContext(18)
+    w = ctx.add_input("w", "float32", [3, 2])
+    assert lower_constraint(ctx, None, w) is w
+    assert lower_constraint(ctx, constraints.Constraint(), w) is w
+    with pytest.raises(ValueError, match="Constraint axis 2 is out of range"):
+        lower_constraint(ctx, MaxNorm(axis=2), w)
+
+    class Clipped(MaxNorm):
+        def __call__(self, w):
+            return np.clip(w, -1, 1)
+
+    for custom in (lambda x: x, Clipped()):
+        with pytest.raises(TypeError, match="Cannot export the constraint"):
+            lower_constraint(ctx, custom, w)
