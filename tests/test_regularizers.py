@@ -10,8 +10,12 @@ import numpy as np
 import pytest
 
 from onnxbn import regularizers
+from onnxbn.dtypes import standardize_dtype
+from onnxbn.lowering.context import LoweringContext
+from onnxbn.lowering.regularizers import lower_regularizer
 from onnxbn.regularizers import L1, L1L2, L2, OrthogonalRegularizer
 from tests.keras_fixtures import keras_envelopes
+from tests.lowering.standalone_graph import model, run
 
 
 def test_keras_fixtures_round_trip():
@@ -253,3 +257,93 @@ def test_orthogonal_gradient_vanishes_on_orthonormal_rows():
     assert np.array_equal(OrthogonalRegularizer(1.0).gradient(np.eye(3)), np.zeros((3, 3)))
     with pytest.raises(ValueError, match="rank 2"):
         OrthogonalRegularizer().gradient(np.ones(3))
+
+
+# -- ONNX lowering: penalty and gradient on runtimes ---------------------------------
+
+
+def _lowered(regularizer, w, opset=18):
+    ctx = LoweringContext(opset)
+    value = ctx.add_input("w", standardize_dtype(w.dtype), list(w.shape))
+    penalty, gradient = lower_regularizer(ctx, regularizer, value)
+    return model(ctx, [penalty, gradient])
+
+
+def _orthogonal_formula(factor, mode):
+    def formula(x):
+        vectors = np.asarray(x, np.float64)
+        vectors = vectors.T if mode == "columns" else vectors
+        unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+        gram = unit @ unit.T
+        n = len(vectors)
+        off_diagonal = np.abs(gram).sum() - np.abs(np.diag(gram)).sum()
+        return factor * 0.5 * off_diagonal / (n * (n - 1) / 2)
+
+    return formula
+
+
+LOWERING_CASES = [  # (regularizer, float64 penalty formula)
+    (L1(0.3), lambda x: 0.3 * _l1(x)),
+    (L2(0.1), lambda x: 0.1 * _l2(x)),
+    (L1L2(0.01, 0.2), lambda x: 0.01 * _l1(x) + 0.2 * _l2(x)),
+    (L1L2(), lambda x: 0.0),
+    (OrthogonalRegularizer(0.2, "rows"), _orthogonal_formula(0.2, "rows")),
+    (OrthogonalRegularizer(0.7, "columns"), _orthogonal_formula(0.7, "columns")),
+]
+LOWERING_TOL = {"float16": 2e-3, "float32": 1e-5, "float64": 1e-9}
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "onnxbn.reference"])
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+@pytest.mark.parametrize(("regularizer", "formula"), LOWERING_CASES, ids=repr)
+def test_lowering_matches_formula_and_central_differences(regularizer, formula, dtype, runtime):
+    x = _weights("float64", seed=3)
+    x = np.where(np.abs(x) < 0.1, 0.5, x).astype(dtype)
+    penalty, gradient = run(runtime, _lowered(regularizer, x), {"w": x}).values()
+    x64 = x.astype(np.float64)
+    assert penalty.shape == () and penalty.dtype == (
+        np.float64 if dtype == "float64" else np.float32
+    )
+    assert gradient.shape == x.shape and gradient.dtype == x.dtype
+    tol = LOWERING_TOL[dtype]
+    np.testing.assert_allclose(penalty, formula(x64), rtol=tol, atol=tol)
+    expected = _central_differences(formula, x64)
+    fd_tol = max(tol, 1e-6)  # central differences of a sum of 35 terms, step 1e-6
+    np.testing.assert_allclose(gradient.astype(np.float64), expected, rtol=fd_tol, atol=fd_tol)
+
+
+def test_lowering_of_zero_factors_and_capped_rows():
+    x = np.array([np.inf, 1.0], np.float32)
+    penalty, gradient = run("onnxbn.reference", _lowered(L1L2(), x), {"w": x}).values()
+    assert penalty == 0 and np.array_equal(gradient, [0.0, 0.0])
+    penalty, gradient = run("onnxruntime", _lowered(L1L2(l2=0.5), x), {"w": x}).values()
+    assert penalty == np.inf and np.array_equal(gradient, [np.inf, 1.0])
+    # A near-zero row: scaled by the capped inverse norm, as eagerly.
+    rows = np.array([[1e-9, 2e-9, -1e-9], [1.0, 0.5, -0.3], [0.2, -1.0, 0.4]])
+    regularizer = OrthogonalRegularizer(0.5)
+    _, gradient = run("onnxruntime", _lowered(regularizer, rows), {"w": rows}).values()
+    np.testing.assert_allclose(gradient, regularizer.gradient(rows), rtol=1e-9)
+    np.testing.assert_allclose(
+        gradient[0], _central_differences(regularizer, rows, step=1e-12)[0], rtol=1e-5
+    )
+
+
+def test_lowering_errors():
+    ctx = LoweringContext(18)
+    vector = ctx.add_input("v", "float32", [6])
+    with pytest.raises(ValueError, match="rank 2"):
+        lower_regularizer(ctx, OrthogonalRegularizer(), vector)
+    row = ctx.add_input("r", "float32", [1, 3])
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        lower_regularizer(ctx, OrthogonalRegularizer(), row)
+    dynamic = ctx.add_input("d", "float32", ["n", 3])
+    with pytest.raises(ValueError, match="not static"):
+        lower_regularizer(ctx, L2(), dynamic)
+
+    class Doubled(L2):
+        def __call__(self, x):
+            return 2 * super().__call__(x)
+
+    for custom in (lambda x: 0.0, Doubled()):
+        with pytest.raises(TypeError, match="Cannot export the regularizer"):
+            lower_regularizer(ctx, custom, vector)
