@@ -12,22 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-from onnx import numpy_helper
-
 from onnxbn import constraints as eager
-from onnxbn.dtypes import to_numpy_dtype
 from onnxbn.lowering import emit
 from onnxbn.lowering.context import LoweringContext, Value
-
-
-def scalar(ctx: LoweringContext, value: float, dtype: str, label: str) -> Value:
-    """A rank-0 initializer (`ctx.constant` stores a 0-d array as shape `[1]`, which
-    would make a penalty or the step counter rank 1)."""
-    name = ctx.fresh(label)
-    data = np.asarray(value, dtype=to_numpy_dtype(dtype))
-    ctx.initializers.append(numpy_helper.from_array(data, name))
-    return Value(name, dtype, ())
 
 
 def working_dtype(dtype: str) -> str:
@@ -62,11 +49,11 @@ def _norms(ctx: LoweringContext, w: Value, axis: int | list[int]) -> Value:
 def _clip(ctx: LoweringContext, x: Value, low: float | None, high: float | None) -> Value:
     """`clip(x, low, high)` by `Where` (NaN stays NaN)."""
     if high is not None:
-        bound = scalar(ctx, high, x.dtype, "max_value")
+        bound = emit.scalar(ctx, high, x.dtype, "max_value")
         above = ctx.op("Greater", [x, bound], dtype="bool", label="above")
         x = ctx.op("Where", [above, bound, x], dtype=x.dtype, label="clipped", shape=x.shape)
     if low is not None:
-        bound = scalar(ctx, low, x.dtype, "min_value")
+        bound = emit.scalar(ctx, low, x.dtype, "min_value")
         below = ctx.op("Less", [x, bound], dtype="bool", label="below")
         x = ctx.op("Where", [below, bound, x], dtype=x.dtype, label="clipped", shape=x.shape)
     return x
@@ -74,7 +61,7 @@ def _clip(ctx: LoweringContext, x: Value, low: float | None, high: float | None)
 
 def _rescale(ctx: LoweringContext, w: Value, desired: Value, norms: Value) -> Value:
     """`w * (desired / (epsilon + norms))`."""
-    epsilon = scalar(ctx, eager.EPSILON, w.dtype, "epsilon")
+    epsilon = emit.scalar(ctx, eager.EPSILON, w.dtype, "epsilon")
     denominator = ctx.op("Add", [norms, epsilon], label="fuzzed_norms", shape=norms.shape)
     ratio = ctx.op("Div", [desired, denominator], label="ratio", shape=norms.shape)
     return ctx.op("Mul", [w, ratio], label="projected", shape=w.shape)
@@ -87,7 +74,7 @@ def _max_norm(ctx: LoweringContext, c: eager.MaxNorm, w: Value) -> Value:
 
 def _unit_norm(ctx: LoweringContext, c: eager.UnitNorm, w: Value) -> Value:
     norms = _norms(ctx, w, c.axis)
-    epsilon = scalar(ctx, eager.EPSILON, w.dtype, "epsilon")
+    epsilon = emit.scalar(ctx, eager.EPSILON, w.dtype, "epsilon")
     denominator = ctx.op("Add", [norms, epsilon], label="fuzzed_norms", shape=norms.shape)
     return ctx.op("Div", [w, denominator], label="projected", shape=w.shape)
 
@@ -95,8 +82,8 @@ def _unit_norm(ctx: LoweringContext, c: eager.UnitNorm, w: Value) -> Value:
 def _min_max_norm(ctx: LoweringContext, c: eager.MinMaxNorm, w: Value) -> Value:
     norms = _norms(ctx, w, c.axis)
     clipped = _clip(ctx, norms, c.min_value, c.max_value)
-    rate = scalar(ctx, c.rate, w.dtype, "rate")
-    keep = scalar(ctx, 1 - c.rate, w.dtype, "one_minus_rate")
+    rate = emit.scalar(ctx, c.rate, w.dtype, "rate")
+    keep = emit.scalar(ctx, 1 - c.rate, w.dtype, "one_minus_rate")
     desired = ctx.op(
         "Add",
         [
@@ -111,7 +98,7 @@ def _min_max_norm(ctx: LoweringContext, c: eager.MinMaxNorm, w: Value) -> Value:
 
 def _non_neg(ctx: LoweringContext, c: eager.NonNeg, w: Value) -> Value:
     # `Where(w < 0, 0, w)`, not `Max(w, 0)`: NaN stays NaN, as `np.maximum` keeps it.
-    zero = scalar(ctx, 0.0, w.dtype, "zero")
+    zero = emit.scalar(ctx, 0.0, w.dtype, "zero")
     negative = ctx.op("Less", [w, zero], dtype="bool", label="negative")
     return ctx.op("Where", [negative, zero, w], label="projected", shape=w.shape)
 

@@ -21,7 +21,7 @@ import numpy as np
 from onnxbn import optimizers as eager
 from onnxbn.dtypes import to_numpy_dtype
 from onnxbn.lowering import emit
-from onnxbn.lowering.constraints import lower_constraint, scalar, working_dtype
+from onnxbn.lowering.constraints import lower_constraint, working_dtype
 from onnxbn.lowering.context import LoweringContext, Value
 
 
@@ -43,7 +43,7 @@ class _Constants:
         if key not in self._cache:
             rounded = np.asarray(value, np.float64).astype(to_numpy_dtype(stored))
             with self.ctx.scope(eager.PREFIX):
-                self._cache[key] = scalar(self.ctx, rounded, dtype, name)
+                self._cache[key] = emit.scalar(self.ctx, rounded, dtype, name)
         return self._cache[key]
 
     def adam_alpha(self, opt: eager.Adam, stored: str, dtype: str) -> Value:
@@ -57,7 +57,7 @@ class _Constants:
         beta_1 = self.get("beta_1", opt.beta_1, stored, dtype)
         beta_2 = self.get("beta_2", opt.beta_2, stored, dtype)
         with ctx.scope(eager.PREFIX):
-            one_step = scalar(ctx, 1, "int64", "one_step")
+            one_step = emit.scalar(ctx, 1, "int64", "one_step")
             step = ctx.op("Add", [self.iterations, one_step], label="step", shape=())
             # Keras: `ops.cast(self.iterations + 1, variable.dtype)`.
             t = emit.cast(ctx, emit.cast(ctx, step, stored, label="local_step"), dtype)
@@ -208,7 +208,7 @@ def lower_update(
             for name, value in new_slots.items():
                 ctx.write_state(eager.slot_path(name, variable.path), u.kept[value.name])
     with ctx.scope(eager.PREFIX):
-        one = scalar(ctx, 1, "int64", "one")
+        one = emit.scalar(ctx, 1, "int64", "one")
         ctx.write_state(
             eager.ITERATIONS, ctx.op("Add", [iterations, one], label="next_iterations", shape=())
         )

@@ -17,7 +17,7 @@ import numpy as np
 from onnxbn import regularizers as eager
 from onnxbn.dtypes import to_numpy_dtype
 from onnxbn.lowering import emit
-from onnxbn.lowering.constraints import scalar, working_dtype
+from onnxbn.lowering.constraints import working_dtype
 from onnxbn.lowering.context import LoweringContext, Value, onnx_dtype
 
 Terms = tuple[Value | None, Value | None]  # (penalty, gradient); None where zero
@@ -31,7 +31,7 @@ def _total(ctx: LoweringContext, x: Value, op_type: str, label: str) -> Value:
 
 
 def _sign(ctx: LoweringContext, x: Value) -> Value:
-    zero = scalar(ctx, 0.0, x.dtype, "zero")
+    zero = emit.scalar(ctx, 0.0, x.dtype, "zero")
     cast = {"to": onnx_dtype(x.dtype), "dtype": x.dtype, "shape": x.shape}
     positive = ctx.op(
         "Cast", [ctx.op("Greater", [x, zero], dtype="bool")], label="positive", **cast
@@ -41,7 +41,9 @@ def _sign(ctx: LoweringContext, x: Value) -> Value:
 
 
 def _scaled(ctx: LoweringContext, factor: float, x: Value, label: str) -> Value:
-    return ctx.op("Mul", [scalar(ctx, factor, x.dtype, "factor"), x], label=label, shape=x.shape)
+    return ctx.op(
+        "Mul", [emit.scalar(ctx, factor, x.dtype, "factor"), x], label=label, shape=x.shape
+    )
 
 
 def _l1(ctx: LoweringContext, l1: float, w: Value) -> Terms:
@@ -94,7 +96,7 @@ def _orthogonal(ctx: LoweringContext, r: eager.OrthogonalRegularizer, w: Value) 
         ctx, "ReduceSum", squares, [1], keepdims=True, label="square_sum", shape=(size, 1)
     )
     rsqrt = ctx.op("Reciprocal", [ctx.op("Sqrt", [square_sum], label="norms")], label="rsqrt")
-    cap = scalar(ctx, eager._INV_EPSILON, dtype, "cap")
+    cap = emit.scalar(ctx, eager._INV_EPSILON, dtype, "cap")
     uncapped = ctx.op("Less", [rsqrt, cap], dtype="bool", label="uncapped")
     scale = ctx.op("Where", [uncapped, rsqrt, cap], label="inverse_norms", shape=(size, 1))
     unit = ctx.op("Mul", [rows, scale], label="unit_rows", shape=rows.shape)
@@ -119,7 +121,7 @@ def _orthogonal(ctx: LoweringContext, r: eager.OrthogonalRegularizer, w: Value) 
     )
     radial = ctx.op(
         "Where",
-        [uncapped, radial, scalar(ctx, 0.0, dtype, "zero")],
+        [uncapped, radial, emit.scalar(ctx, 0.0, dtype, "zero")],
         label="radial_uncapped",
         shape=(size, 1),
     )
@@ -172,6 +174,6 @@ def lower_regularizer(ctx: LoweringContext, regularizer: Any, w: Value) -> tuple
     with ctx.scope(ctx.fresh("regularizer")):
         penalty, gradient = rule(ctx, regularizer, emit.cast(ctx, w, dtype))
         if penalty is None:  # a zero penalty: constants, never `0 * w` (NaN for inf)
-            penalty = scalar(ctx, 0.0, dtype, "penalty")
+            penalty = emit.scalar(ctx, 0.0, dtype, "penalty")
             gradient = ctx.constant(np.zeros(w.shape, to_numpy_dtype(w.dtype)), "gradient")
         return penalty, emit.cast(ctx, gradient, w.dtype, label="gradient")
