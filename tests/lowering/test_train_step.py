@@ -221,10 +221,11 @@ def test_sessions_carry_weights_and_optimizer_state():
 @pytest.mark.parametrize("optimizer_name", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
 def test_example_train_step_matches_the_float64_oracle(name, optimizer_name, runtime):
-    if (name, runtime) == ("resnet_cnn", "tract"):
+    if (name, optimizer_name, runtime) == ("resnet_cnn", "sgd", "tract"):
         pytest.xfail(
-            "tract 0.23 stops with 'eval() called on a Dummy op. This is a bug.' at the "
-            "optimizer update of block2_b_bn/beta (its optimizer leaves a placeholder node)"
+            "tract 0.23 stops with 'eval() called on a Dummy op. This is a bug.' at the SGD "
+            "update of block2_b_bn/beta (the learning-rate Mul after the MatMul that sums the "
+            "gradient is left as a placeholder in its plan; Adam's update of it runs)"
         )
     model, loss, batches = batches_for(name)
     oracle = eager_oracle(model, loss, optimizer_name, batches)
