@@ -182,12 +182,15 @@ class Model(Trainer, Operation):
     # -- weights --------------------------------------------------------------
     @property
     def trainable(self) -> bool:
-        return (
-            all(layer.trainable for layer in self.layers if layer.weights) if self.layers else True
-        )
+        """The model's own flag, as Keras's: setting it sets every layer's; a frozen layer
+        inside a trainable model leaves it True (and its config says so)."""
+        return getattr(self, "_trainable", True)
 
     @trainable.setter
     def trainable(self, value: bool) -> None:
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"trainable must be a bool, received {value!r}.")
+        self._trainable = bool(value)
         for layer in self.layers:
             layer.trainable = value
 

@@ -238,3 +238,19 @@ def test_two_layers_with_one_name_are_refused_at_model():
     shared = layers.BatchNormalization(name="shared")
     model = onnxbn.Model(x, shared(shared(x)))
     assert [layer.name for layer in model.layers] == ["x", "shared"]
+
+
+def test_a_frozen_layer_survives_the_config_round_trip_alone():
+    """Keras's `Model.trainable` is the model's own flag: one frozen layer does not freeze all."""
+    onnxbn.reset_names()
+    x = onnxbn.Input((3,), name="x")
+    frozen = layers.Dense(2, name="frozen")
+    y = layers.Dense(1, name="free")(frozen(x))
+    model = onnxbn.Model(x, y)
+    frozen.trainable = False
+    assert model.trainable
+    twin = onnxbn.Model.from_config(model.get_config())
+    assert [l.trainable for l in twin.layers] == [l.trainable for l in model.layers]
+    assert [w.path for w in twin.trainable_weights] == ["free/kernel", "free/bias"]
+    model.trainable = False
+    assert not onnxbn.Model.from_config(model.get_config()).get_layer("free").trainable

@@ -319,3 +319,38 @@ def test_every_loss_and_optimizer_matches_the_float64_oracle(loss, optimizer_nam
     step = train_step_model(model, loss, optimizer_name)
     results = runtimes.carry_state(runtime, step, [{**f, "y_true": t} for f, t in batches])
     assert_steps(results, oracle, f"{loss}/{optimizer_name} on {runtime}")
+
+
+@pytest.mark.parametrize("runtime", runtimes.RUNTIMES)
+def test_frozen_layers_regularizers_and_constraints(runtime):
+    """A frozen BN runs in inference mode and changes nothing; penalties and constraints apply."""
+    onnxbn.reset_names()
+    x = onnxbn.Input((5,), name="x")
+    h = layers.Dense(6, name="dense", kernel_regularizer="l2", kernel_constraint="max_norm")(x)
+    frozen = layers.BatchNormalization(name="frozen_bn", gamma_regularizer="l1")
+    h = frozen(h)
+    h = layers.BatchNormalization(name="bn", beta_constraint="non_neg")(h)
+    y = layers.Dense(2, name="head", bias_regularizer="l1_l2")(h)
+    model = onnxbn.Model(x, y)
+    rng = np.random.default_rng(5)
+    model.set_weights([
+        rng.uniform(0.5, 2, w.shape) if w.path.endswith("variance") else rng.normal(0, 1, w.shape)
+        for w in model.weights
+    ])  # fmt: skip
+    frozen.trainable = False
+    before = [w.numpy() for w in frozen.weights]
+    batches = [
+        ({"x": rng.normal(0, 2, (6, 5)).astype(np.float32)},
+         rng.normal(0, 1, (6, 2)).astype(np.float32))
+        for _ in range(STEPS)
+    ]  # fmt: skip
+    oracle = eager_oracle(model, "mse", "sgd", batches)
+    step = train_step_model(model, "mse", "sgd")
+    names = [i.name for i in step.graph.input]
+    assert not [n for n in names if n.startswith("frozen_bn/")]
+    results = runtimes.carry_state(runtime, step, [{**f, "y_true": t} for f, t in batches])
+    assert_steps(results, oracle, f"frozen/regularized on {runtime}")
+    for variable, value in zip(frozen.weights, before):  # the twin's copy is what trained
+        np.testing.assert_array_equal(variable.numpy(), value)
+    beta = results[-1][1]["bn/beta"]
+    assert np.all(beta >= 0)
