@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 
 from onnxbn.gradients import sum_to_shape
-from onnxbn.loss import (  # re-exported: importable from here as before
-    EPSILON as EPSILON,
-)
+
+# `name as name`: re-exported, importable from this module as before.
+from onnxbn.loss import EPSILON as EPSILON
 from onnxbn.loss import (
     REDUCTION,
     Backward,
@@ -36,9 +36,7 @@ from onnxbn.loss import (
     require_rank,
     require_same_shape,
 )
-from onnxbn.loss import (
-    squeeze_or_expand_to_same_rank as squeeze_or_expand_to_same_rank,
-)
+from onnxbn.loss import squeeze_or_expand_to_same_rank as squeeze_or_expand_to_same_rank
 from onnxbn.registry import Registry
 from onnxbn.serialization import (
     deserialize_object,
