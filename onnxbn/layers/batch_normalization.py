@@ -1,4 +1,4 @@
-"""BatchNormalization: what it means (Keras 3 semantics), as a layer and a pure NumPy function.
+"""The BatchNormalization layer (Keras 3 semantics); its pure NumPy function is in `moments.py`.
 
 How it becomes ONNX lives in `onnxbn/lowering/batch_normalization.py`; the ONNX
 kernel of the reference interpreter in `onnxbn/reference/kernels/`.
@@ -7,7 +7,6 @@ kernel of the reference interpreter in `onnxbn/reference/kernels/`.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -18,7 +17,7 @@ from onnxbn.layers.batch_normalization_gradient import layer_pullback
 from onnxbn.layers.input_spec import InputSpec
 from onnxbn.layers.layer import Layer, to_array
 from onnxbn.layers.moments import (
-    batch_moments,
+    batch_normalization,
     check_mask_broadcast,
     check_mask_rank,
     normalize_axis,
@@ -32,74 +31,6 @@ from onnxbn.layers.renormalization import (
 )
 from onnxbn.operation_registry import register_layer
 from onnxbn.tensor import SymbolicTensor
-
-
-def batch_normalization(
-    x: np.ndarray,
-    *,
-    axis: int,
-    moving_mean: np.ndarray,
-    moving_variance: np.ndarray,
-    gamma: np.ndarray | None,
-    beta: np.ndarray | None,
-    momentum: float,
-    epsilon: float,
-    training: bool,
-    mask: np.ndarray | None = None,
-    compute_dtype: Any = "float32",
-    reduce_partial: Callable[[tuple], tuple] | None = None,
-    saved: dict | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The layer's mathematics, with no state: `(y, new_moving_mean, new_moving_variance)`.
-
-    Training uses the batch mean and population variance (masked positions
-    excluded, Keras's `count + 1e-7` rule) and returns the updated moving
-    statistics `moving * momentum + batch * (1 - momentum)`; inference uses the
-    moving statistics and returns them unchanged. Everything is computed in
-    float64 and cast to `compute_dtype` at the end.
-
-    Args:
-        x: input array.
-        axis: channel axis (negative allowed).
-        moving_mean, moving_variance: per-channel moving statistics.
-        gamma, beta: per-channel scale and offset, or None when disabled.
-        momentum, epsilon: Keras hyper-parameters.
-        training: batch statistics (True) or moving statistics (False).
-        mask: optional mask of rank `x.ndim - 1`; non-zero = valid.
-        compute_dtype: dtype of `y` and of the returned statistics.
-        reduce_partial: optional function mapping this batch's per-channel
-            `(count, mean, M2)` to the global one (synchronized layers).
-        saved: optional dict that receives the float64 `mean` and `variance`
-            `y` was normalized with (what the backward needs).
-
-    Returns:
-        `y` of `x.shape`, and the new moving mean and variance (unchanged in
-        inference, and for an empty unmasked batch, which holds no statistics).
-    """
-    ndim = x.ndim
-    axis = normalize_axis(axis, ndim)
-    out_dtype = to_numpy_dtype(compute_dtype)
-    mean64 = np.asarray(moving_mean, dtype=np.float64)
-    var64 = np.asarray(moving_variance, dtype=np.float64)
-    new_mean, new_var = mean64, var64
-    if training:
-        batch_mean, batch_var, has_statistics = batch_moments(x, axis, mask, reduce_partial)
-        if has_statistics:
-            new_mean = mean64 * momentum + batch_mean * (1.0 - momentum)
-            new_var = var64 * momentum + batch_var * (1.0 - momentum)
-        mean64, var64 = batch_mean, batch_var
-    if saved is not None:
-        saved.update(mean=mean64, variance=var64)
-    shape = [1] * ndim
-    shape[axis] = x.shape[axis]
-    inv = 1.0 / np.sqrt(var64 + epsilon)
-    if gamma is not None:
-        inv = inv * np.asarray(gamma, dtype=np.float64)
-    offset = np.zeros_like(inv) if beta is None else np.asarray(beta, dtype=np.float64)
-    with np.errstate(invalid="ignore"):  # Inf - Inf in a poisoned channel is NaN, as in Keras
-        y = (np.asarray(x, dtype=np.float64) - mean64.reshape(shape)) * inv.reshape(shape)
-        y += offset.reshape(shape)
-    return y.astype(out_dtype), new_mean.astype(out_dtype), new_var.astype(out_dtype)
 
 
 @register_layer("keras.layers")

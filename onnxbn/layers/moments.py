@@ -1,6 +1,7 @@
-"""Numerically stable batch moments: partial (count, mean, M2) and Keras's masked finish.
+"""Numerically stable batch moments and the pure `batch_normalization` function built on them.
 
-Also the axis and mask-shape rules every moments caller checks first.
+The partial (count, mean, M2), Keras's masked finish, and the axis and
+mask-shape rules every moments caller checks first.
 
 Everything here accumulates in float64 and never uses `E[x²] − E[x]²`, which
 loses every digit on data such as `1e4 + N(0, 1)` in float32. The partial form
@@ -14,6 +15,8 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
+from onnxbn.dtypes import to_numpy_dtype
 
 # Keras's global `backend.epsilon()`, added to the count in masked moments.
 MASK_EPSILON = 1e-7
@@ -139,3 +142,71 @@ def batch_moments(
         count, mean, m2 = reduce_partial((count, mean, m2))
     batch_mean, batch_var = finish_moments(count, mean, m2, masked=valid is not None)
     return batch_mean, batch_var, bool(valid is not None or np.all(count > 0))
+
+
+def batch_normalization(
+    x: np.ndarray,
+    *,
+    axis: int,
+    moving_mean: np.ndarray,
+    moving_variance: np.ndarray,
+    gamma: np.ndarray | None,
+    beta: np.ndarray | None,
+    momentum: float,
+    epsilon: float,
+    training: bool,
+    mask: np.ndarray | None = None,
+    compute_dtype: Any = "float32",
+    reduce_partial: Callable[[tuple], tuple] | None = None,
+    saved: dict | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The layer's mathematics, with no state: `(y, new_moving_mean, new_moving_variance)`.
+
+    Training uses the batch mean and population variance (masked positions
+    excluded, Keras's `count + 1e-7` rule) and returns the updated moving
+    statistics `moving * momentum + batch * (1 - momentum)`; inference uses the
+    moving statistics and returns them unchanged. Everything is computed in
+    float64 and cast to `compute_dtype` at the end.
+
+    Args:
+        x: input array.
+        axis: channel axis (negative allowed).
+        moving_mean, moving_variance: per-channel moving statistics.
+        gamma, beta: per-channel scale and offset, or None when disabled.
+        momentum, epsilon: Keras hyper-parameters.
+        training: batch statistics (True) or moving statistics (False).
+        mask: optional mask of rank `x.ndim - 1`; non-zero = valid.
+        compute_dtype: dtype of `y` and of the returned statistics.
+        reduce_partial: optional function mapping this batch's per-channel
+            `(count, mean, M2)` to the global one (synchronized layers).
+        saved: optional dict that receives the float64 `mean` and `variance`
+            `y` was normalized with (what the backward needs).
+
+    Returns:
+        `y` of `x.shape`, and the new moving mean and variance (unchanged in
+        inference, and for an empty unmasked batch, which holds no statistics).
+    """
+    ndim = x.ndim
+    axis = normalize_axis(axis, ndim)
+    out_dtype = to_numpy_dtype(compute_dtype)
+    mean64 = np.asarray(moving_mean, dtype=np.float64)
+    var64 = np.asarray(moving_variance, dtype=np.float64)
+    new_mean, new_var = mean64, var64
+    if training:
+        batch_mean, batch_var, has_statistics = batch_moments(x, axis, mask, reduce_partial)
+        if has_statistics:
+            new_mean = mean64 * momentum + batch_mean * (1.0 - momentum)
+            new_var = var64 * momentum + batch_var * (1.0 - momentum)
+        mean64, var64 = batch_mean, batch_var
+    if saved is not None:
+        saved.update(mean=mean64, variance=var64)
+    shape = [1] * ndim
+    shape[axis] = x.shape[axis]
+    inv = 1.0 / np.sqrt(var64 + epsilon)
+    if gamma is not None:
+        inv = inv * np.asarray(gamma, dtype=np.float64)
+    offset = np.zeros_like(inv) if beta is None else np.asarray(beta, dtype=np.float64)
+    with np.errstate(invalid="ignore"):  # Inf - Inf in a poisoned channel is NaN, as in Keras
+        y = (np.asarray(x, dtype=np.float64) - mean64.reshape(shape)) * inv.reshape(shape)
+        y += offset.reshape(shape)
+    return y.astype(out_dtype), new_mean.astype(out_dtype), new_var.astype(out_dtype)
