@@ -39,7 +39,6 @@ from onnxbn.lowering.loss_nodes import (
 )
 
 Backward = Callable[[Value], Value]
-_CROSS_ENTROPIES = (losses.BinaryCrossentropy, losses.CategoricalCrossentropy)
 
 
 def lower_loss(
