@@ -1,4 +1,4 @@
-"""Windowed kernels: Conv (im2col + matmul), AveragePool, MaxPool, GlobalAveragePool/MaxPool.
+"""Windowed kernels: Conv (im2col + matmul), ConvTranspose (matmul + scatter-add), AveragePool, MaxPool, GlobalAveragePool/MaxPool.
 
 Tensors are N x C x D1 x ... x Dn. Windows are NumPy strided views of the
 padded input (`sliding_window_view`), subsampled by strides and dilations.
@@ -6,6 +6,7 @@ padded input (`sliding_window_view`), subsampled by strides and dilations.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -157,6 +158,103 @@ def conv(
     y = y.transpose(0, 1, 3, 2).reshape(n, m, *out)
     if B is not None:
         y = y + B.astype(work, copy=False).reshape(m, *([1] * s))
+    return (as_array(y, X.dtype),)
+
+
+def _transpose_geometry(
+    x_spatial: Sequence[int],
+    kshape: list[int],
+    strides: list[int],
+    dil: list[int],
+    output_padding: Sequence[int] | None,
+    output_shape: Sequence[int] | None,
+    pads: Sequence[int] | None,
+    auto_pad: str,
+) -> tuple[list[int], list[int], list[int]]:
+    """ConvTranspose's `(full, begin, out)`: uncropped size, leading crop and output size."""
+    n = len(x_spatial)
+    extra = [0] * n if output_padding is None else [int(p) for p in output_padding]
+    if len(extra) != n or any(p < 0 for p in extra):
+        raise ValueError(f"ConvTranspose output_padding {list(extra)} must hold {n} ints >= 0.")
+    full = [s * (i - 1) + (k - 1) * d + 1 + e
+            for i, k, s, d, e in zip(x_spatial, kshape, strides, dil, extra)]  # fmt: skip
+    if auto_pad not in _AUTO_PADS:
+        raise ValueError(f"ConvTranspose auto_pad must be one of {_AUTO_PADS}, not {auto_pad!r}.")
+    if output_shape is None and auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        output_shape = [i * s for i, s in zip(x_spatial, strides)]
+    if output_shape is not None:
+        out = [int(o) for o in list(output_shape)[-n:]]
+        total = [f - o for f, o in zip(full, out)]
+        # The spec's split of the total padding; SAME_UPPER puts the odd element at the end.
+        begin = [t // 2 if auto_pad == "SAME_UPPER" else t - t // 2 for t in total]
+        return full, [max(b, 0) for b in begin], out
+    if auto_pad == "VALID" or pads is None:
+        pads = [0] * (2 * n)
+    if len(pads) != 2 * n or any(p < 0 for p in pads):
+        raise ValueError(f"ConvTranspose pads {list(pads)} must hold {2 * n} ints >= 0.")
+    out = [f - int(b) - int(e) for f, b, e in zip(full, pads[:n], pads[n:])]
+    if any(o < 1 for o in out):
+        raise ValueError(f"ConvTranspose pads {list(pads)} leave an empty output {out}.")
+    return full, [int(b) for b in pads[:n]], out
+
+
+@kernel("ConvTranspose", 1)
+def conv_transpose(
+    X: np.ndarray,
+    W: np.ndarray,
+    B: np.ndarray | None = None,
+    *,
+    auto_pad: str = "NOTSET",
+    dilations: list[int] | None = None,
+    group: int = 1,
+    kernel_shape: list[int] | None = None,
+    output_padding: list[int] | None = None,
+    output_shape: list[int] | None = None,
+    pads: list[int] | None = None,
+    strides: list[int] | None = None,
+) -> tuple[np.ndarray]:
+    if X.ndim < 3 or W.ndim != X.ndim:
+        raise ValueError(
+            f"ConvTranspose takes X (N, C, D...) and W (C, M/group, k...), received {X.shape}, "
+            f"{W.shape}."
+        )
+    n, c = X.shape[:2]
+    mg = W.shape[1]
+    if group < 1 or c % group or W.shape[0] != c:
+        raise ValueError(
+            f"ConvTranspose group={group}: input channels {c} and W {W.shape} do not match "
+            f"(expected W of shape ({c}, M/group, ...) with {c} divisible by group)."
+        )
+    kshape = list(W.shape[2:])
+    if kernel_shape is not None and list(kernel_shape) != kshape:
+        raise ValueError(f"ConvTranspose kernel_shape {kernel_shape} differs from W's {kshape}.")
+    s = len(kshape)
+    strides_ = _per_axis(strides, s, 1, "strides", "ConvTranspose")
+    dil = _per_axis(dilations, s, 1, "dilations", "ConvTranspose")
+    full, begin, out = _transpose_geometry(
+        X.shape[2:], kshape, strides_, dil, output_padding, output_shape, pads, auto_pad
+    )
+    work = compute_dtype(X.dtype)
+    size = [max(f, b + o) for f, b, o in zip(full, begin, out)]
+    check_allocation("ConvTranspose output buffer", [n, group * mg, *size], work)
+    # Every input position times the kernel: (N, G, P, Cg) @ (G, Cg, M/G * K).
+    cg, inner = c // group, list(X.shape[2:])
+    x = X.astype(work, copy=False).reshape(n, group, cg, math.prod(inner)).transpose(0, 1, 3, 2)
+    w = W.astype(work, copy=False).reshape(group, cg, mg * math.prod(kshape))
+    cols = np.matmul(x, w).reshape(n, group, *inner, mg, *kshape)
+    cols = cols.transpose(0, 1, 2 + s, *range(2, 2 + s), *range(3 + s, 3 + 2 * s))
+    y = np.zeros((n, group, mg, *size), dtype=work)
+    # Scatter-add: kernel offset `o` of input step `i` lands on `i * stride + o * dilation`.
+    for offset in itertools.product(*(range(k) for k in kshape)):
+        where = tuple(
+            slice(o * d, o * d + st * (i - 1) + 1, st)
+            for o, d, st, i in zip(offset, dil, strides_, inner)
+        )
+        y[(slice(None),) * 3 + where] += cols[(Ellipsis, *offset)]
+    y = y[(slice(None),) * 3 + tuple(slice(b, b + o) for b, o in zip(begin, out))]
+    y = y.reshape(n, group * mg, *out)
+    if B is not None:
+        y = y + B.astype(work, copy=False).reshape(group * mg, *([1] * s))
     return (as_array(y, X.dtype),)
 
 
