@@ -127,8 +127,30 @@ def export_train_step(model: Any, opset: int) -> onnx.ModelProto:
         lower_update(ctx, model.optimizer, params)
     info = helper.make_tensor_value_info(LOSS_OUTPUT, onnx_dtype(total.dtype), [])
     result = export.build_model(ctx, model.name, [info], nodes, True)
+    _drop_unused(result.graph)
     export.finish_model(result)
     return result
+
+
+def _drop_unused(graph: onnx.GraphProto) -> None:
+    """Removes the nodes and initializers no output depends on.
+
+    The gradient rules compute every input gradient; the ones of the model's
+    inputs (the first convolution's input gradient, say) reach no output.
+    """
+    needed = {o.name for o in graph.output}
+    kept = []
+    for node in reversed(graph.node):
+        if any(name in needed for name in node.output):
+            needed.update(node.input)
+            copy = onnx.NodeProto()
+            copy.CopyFrom(node)
+            kept.append(copy)
+    initializers = [t for t in graph.initializer if t.name in needed]
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
 
 
 def _accumulate(ctx: LoweringContext, table: dict[str, Value], key: str, grad: Value) -> None:
