@@ -27,10 +27,11 @@ strided Slice per kernel offset, Concat, MatMul with the reshaped kernel; a
 grouped convolution batches the MatMul over groups), with no Transpose of the
 data for `channels_last` (`lowering/conv_patches.py`).
 
-The gradient (train step) follows the same split. The kernel and bias
-gradients of both come from the patches of the channels-last input: `patches^T
-@ dz` (per group), `sum(dz)`. The float32 input gradient with stride 1 is one
-Conv of `dz` with the flipped kernel, its in and out channels swapped; with a
+The gradient (train step) follows the same split. The bias gradient is
+`sum(dz)`. The kernel gradient comes from patches of the channels-last input:
+float64 reuses the forward's, `patches^T @ dz` per group; float32 stacks them
+offset by offset, `dz^T @ patches` (see `stacked_patches_kernel_gradient`).
+The float32 input gradient with stride 1 is one Conv of `dz` with the flipped kernel, its in and out channels swapped; with a
 stride > 1 it is ConvTranspose with the forward kernel and geometry
 (`output_padding` for the rows past the last window), one per group. Measured
 on onnxruntime (batch 32, 3x3): ConvTranspose takes twice the Conv's time at
@@ -65,13 +66,12 @@ from onnxbn.lowering.activation import (
 from onnxbn.lowering.context import CallRecord, LoweringContext, Value
 from onnxbn.lowering.conv_patches import (
     axis_tails,
-    by_group,
     conv_bias,
     conv_pads,
     conv_patches,
-    extract_patches,
     kernel_gradient,
     patches_input_gradient,
+    stacked_patches_kernel_gradient,
     static_pads,
 )
 from onnxbn.lowering.dense import check_built, weight64
@@ -226,17 +226,17 @@ def conv_gradient(ctx: LoweringContext, op: BaseConv, call: CallRecord, dy: Valu
     if channels_last and activated_first:
         dy = _transpose(ctx, dy, _to_first(rank), "dy_first")
     dz = activation_gradient(ctx, op.activation, dy, saved["pre_activation"], saved["output"])
-    if float64 or (channels_last and not activated_first):
+    # float64 works channels last (patches), float32 channels first (Conv).
+    if float64:
         dz_last = dz if channels_last else _transpose(ctx, dz, _to_last(rank), "dz_last")
-        dz_first = None if float64 else _transpose(ctx, dz, _to_first(rank), "dz_first")
     else:
-        dz_first = dz
-        dz_last = _transpose(ctx, dz, _to_last(rank), "dz_last")
+        dz_first = dz if activated_first else _transpose(ctx, dz, _to_first(rank), "dz_first")
     weights = {}
     if trainable(ctx, op.bias):
-        axes = list(range(rank + 1))
+        axes = list(range(rank + 1)) if float64 else [0, *range(2, rank + 2)]
+        source = dz_last if float64 else dz_first
         weights[op.bias.path] = emit.reduce(
-            ctx, "ReduceSum", dz_last, axes, keepdims=False, label="d_bias", shape=op.bias.shape
+            ctx, "ReduceSum", source, axes, keepdims=False, label="d_bias", shape=op.bias.shape
         )
     if float64:
         dh_last = patches_input_gradient(ctx, op, saved, dz_last, spatial, pads)
@@ -247,16 +247,12 @@ def conv_gradient(ctx: LoweringContext, op: BaseConv, call: CallRecord, dy: Valu
             dh = _transpose(ctx, dh, _to_last(rank), "dx_last")
     if trainable(ctx, op.kernel):
         if float64:
-            patches = saved["patches"]
+            dw = kernel_gradient(ctx, op, saved["patches"], dz_last)
         else:
-            h_last = saved.get("input_last")
-            if h_last is None:
-                h_last = _transpose(ctx, saved["input_first"], _to_last(rank), "input_last")
-            patches = extract_patches(ctx, op, h_last, spatial, kernel_size)
-            if op.groups > 1:
-                taps = int(np.prod(kernel_size))
-                patches = by_group(ctx, op, patches, taps, op.kernel.shape[-2])
-        weights[op.kernel.path] = kernel_gradient(ctx, op, patches, dz_last)
+            first = "input_first" in saved
+            h = saved["input_first" if first else "input_last"]
+            dw = stacked_patches_kernel_gradient(ctx, op, h, first, dz_first, spatial)
+        weights[op.kernel.path] = dw
     return Gradients((operand_gradient(ctx, dh, x),), weights)
 
 
