@@ -72,9 +72,12 @@ def _relu(
         rising = x64 > threshold
         if max_value is not None:  # the clip to [0, max_value] passes only its inside
             rising &= (x64 > 0.0) & (x64 < float(max_value))
-        dx = np.where(rising, dy, 0.0)
-        if negative_slope != 0:
-            dx = dx + np.where(x64 <= threshold, negative_slope * dy, 0.0)
+        # Multiplied by the 0/1 slope, as TensorFlow's ReluGrad: a NaN or inf
+        # gradient stays NaN where the slope is 0.
+        with np.errstate(invalid="ignore"):
+            dx = dy * rising
+            if negative_slope != 0:
+                dx = dx + dy * (negative_slope * (x64 <= threshold))
         return dx
 
     return y, pullback

@@ -149,25 +149,32 @@ def relu_gradient(
 ) -> Value:
     """The gradient of `relu` (same arguments) with respect to `x`, given `dy`.
 
-    `dy` where `threshold < x < max_value`, `negative_slope * dy` where
-    `x < threshold`, 0 elsewhere (the kinks count as flat).
+    `dy` where the output rises with `x` (`threshold < x`, and `0 < x < max_value`
+    under a clip), plus `negative_slope * dy` where `x <= threshold`: the eager
+    rule in `onnxbn/layers/activation.py`, kinks included. `dy` is multiplied by
+    the 0/1 masks, as TensorFlow's ReluGrad does (a Where is about 5x slower on
+    onnxruntime CPU).
     """
     dtype = x.dtype
     limit = emit.scalar(ctx, threshold, dtype, "threshold")
-    passed = ctx.op("Greater", [x, limit], label="passed", dtype="bool")
+    rising = ctx.op("Greater", [x, limit], label="rising", dtype="bool")
     if max_value is not None:
+        zero = emit.scalar(ctx, 0.0, dtype, "zero")
+        positive = ctx.op("Greater", [x, zero], label="positive", dtype="bool")
         below_max = ctx.op(
             "Less", [x, emit.scalar(ctx, max_value, dtype, "max")], label="unclipped", dtype="bool"
         )
-        passed = ctx.op("And", [passed, below_max], label="passed", dtype="bool")
-    zero = emit.scalar(ctx, 0.0, dtype, "zero")
-    dx = ctx.op("Where", [passed, dy, zero], label="d_relu", dtype=dtype, shape=dy.shape)
+        inside = ctx.op("And", [positive, below_max], label="inside", dtype="bool")
+        rising = ctx.op("And", [rising, inside], label="rising", dtype="bool")
+    dx = ctx.op("Mul", [dy, emit.cast(ctx, rising, dtype, label="slope")], label="d_relu",
+                shape=dy.shape)  # fmt: skip
     if negative_slope == 0:
         return dx
-    below = ctx.op("Less", [x, limit], label="below", dtype="bool")
-    leak = ctx.op("Mul", [dy, emit.scalar(ctx, negative_slope, dtype, "slope")], label="leak")
-    return ctx.op("Add", [dx, ctx.op("Where", [below, leak, zero], label="leaked")],
-                  label="d_relu", shape=dy.shape)  # fmt: skip
+    damped = ctx.op("LessOrEqual", [x, limit], label="damped", dtype="bool")
+    leak = ctx.op("Mul", [emit.cast(ctx, damped, dtype, label="damped"),
+                          emit.scalar(ctx, negative_slope, dtype, "slope")], label="leak")  # fmt: skip
+    leaked = ctx.op("Mul", [dy, leak], label="leaked", shape=dy.shape)
+    return ctx.op("Add", [dx, leaked], label="d_relu", shape=dy.shape)
 
 
 def gradient_input(ctx: LoweringContext, op: Any, dy: Value) -> Value:
