@@ -36,6 +36,8 @@ from onnx import numpy_helper
 
 STATE_SUFFIX = "/new"
 INITIAL_STATE_KEY = "onnxbn:initial_state"
+# Metadata key marking a train step (`export_onnx(model, train_step=True)`), value "true".
+TRAIN_STEP_KEY = "onnxbn:train_step"
 SYNC_FLAG = "synchronize"
 PARTIAL_SUFFIX = "/partial_moments"
 GLOBAL_SUFFIX = "/global_moments"
@@ -191,6 +193,5 @@ def load_model(model_or_path: Any) -> onnx.ModelProto:
     except (DecodeError, onnx.checker.ValidationError) as error:
         raise ValueError(f"Not a valid ONNX model: {error}") from error
     raise TypeError(
-        "Expected an onnx.ModelProto, a path or bytes, received "
-        f"{type(model_or_path).__name__}."
+        f"Expected an onnx.ModelProto, a path or bytes, received {type(model_or_path).__name__}."
     )

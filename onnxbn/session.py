@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxbn.contract import SYNC_FLAG, initial_state, state_pairs, sync_pairs
+from onnxbn.contract import SYNC_FLAG, TRAIN_STEP_KEY, initial_state, state_pairs, sync_pairs
 
 
 class FeedSpec:
@@ -303,6 +303,13 @@ class StatefulSession:
             comm = distributed.active_communicator()
         if comm is None or comm.Get_size() == 1:
             return None
+        if any(p.key == TRAIN_STEP_KEY for p in self._model_proto.metadata_props):
+            raise NotImplementedError(
+                f"This train step has synchronized BatchNormalization layers and runs in "
+                f"{comm.Get_size()} processes: its gradient uses each process's local sums, "
+                "which is exact in one process only. Run it in one process (or without "
+                "synchronized=True)."
+            )
         return comm
 
     def _run_synchronized(self, comm: Any, feeds: Mapping[str, Any]) -> list[np.ndarray]:

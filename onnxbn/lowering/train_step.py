@@ -23,6 +23,7 @@ from typing import Any
 import onnx
 from onnx import helper
 
+from onnxbn.contract import TRAIN_STEP_KEY
 from onnxbn.dtypes import is_float
 from onnxbn.lowering.context import LoweringContext, Value, onnx_dtype
 from onnxbn.lowering.registry import lookup_gradient
@@ -127,6 +128,7 @@ def export_train_step(model: Any, opset: int) -> onnx.ModelProto:
         lower_update(ctx, model.optimizer, params)
     info = helper.make_tensor_value_info(LOSS_OUTPUT, onnx_dtype(total.dtype), [])
     result = export.build_model(ctx, model.name, [info], nodes, True)
+    result.metadata_props.add(key=TRAIN_STEP_KEY, value="true")
     _drop_unused(result.graph)
     export.finish_model(result)
     return result

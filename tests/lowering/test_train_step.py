@@ -354,3 +354,29 @@ def test_frozen_layers_regularizers_and_constraints(runtime):
         np.testing.assert_array_equal(variable.numpy(), value)
     beta = results[-1][1]["bn/beta"]
     assert np.all(beta >= 0)
+
+
+class _TwoProcesses:
+    """A communicator that says two processes run (no exchange is reached)."""
+
+    def Get_size(self):  # noqa: N802 (mpi4py's name)
+        return 2
+
+    def Get_rank(self):  # noqa: N802
+        return 0
+
+
+def test_synchronized_train_step_runs_in_one_process_and_refuses_several():
+    model, loss, batches = batches_for("tabular", steps=1)
+    for name in ("bn_input", "bn_output"):
+        model.get_layer(name).synchronized = True
+    oracle = eager_oracle(model, loss, "sgd", batches)
+    step = train_step_model(model, loss, "sgd")
+    (feeds, target), ((expected, _),) = batches[0], oracle
+    session = onnxbn.reference.Session(step)
+    (value,) = session.run({**feeds, "y_true": target})
+    np.testing.assert_allclose(value, expected, rtol=2e-4)
+    for session_class in (onnxbn.runtime.Session, onnxbn.reference.Session):
+        session = session_class(step, comm=_TwoProcesses())
+        with pytest.raises(NotImplementedError, match="one process"):
+            session.run({**feeds, "y_true": target})
