@@ -52,3 +52,38 @@ def scalar_index(ctx, value: int) -> Value:
     """A rank-0 int64 constant (a Constant node: initializers here are at least 1-D)."""
     tensor = numpy_helper.from_array(np.asarray(value, np.int64), "value")
     return ctx.op("Constant", [], dtype="int64", shape=(), label="index", value=tensor)
+
+
+def has_elements(ctx, x: Value) -> Value:
+    """A `(1,)` bool: whether `x` holds any element, derived from its data.
+
+    `x[:, :1, ..., :1]` flattened (`x[:, 0]` for a matrix), each element counted as 1
+    (`Where(v == v, 1, 1)`: NaN-proof) by a MatMul of the ones with
+    themselves (tract panics on a ReduceSum over an empty axis). Not
+    `Size(x) > 0`: tract reasons about that comparison symbolically and takes
+    minutes (or panics) on a graph with two such layers, and a comparison of
+    the count derived from Shape it evaluates wrongly in a shared layer's
+    second call.
+    """
+    if x.rank == 2 and x.shape[1]:
+        # A Gather, not a Slice + Reshape: tract cannot group the reshape of a
+        # `(min(1024, M), 1)` column.
+        x = ctx.op("Gather", [x, scalar_index(ctx, 0)], axis=1, label="column")
+    elif x.rank > 1:
+        axes = list(range(1, x.rank))
+        dims = list(x.shape[1:])
+        dims_value = None if all(d is not None for d in dims) else emit.shape_of(ctx, x, 1)
+        corner = ctx.op(
+            "Slice",
+            [x, emit.ints(ctx, [0] * len(axes), "start"),
+             clamped_ends(ctx, [1] * len(axes), dims, dims_value), emit.ints(ctx, axes, "axes")],
+            label="corner",
+        )  # fmt: skip
+        x = emit.reshape(ctx, corner, [None], "corner")
+    one = emit.scalar(ctx, 1.0, x.dtype, "one")
+    same = ctx.op("Equal", [x, x], dtype="bool", label="cells")
+    ones = ctx.op("Where", [same, one, one], dtype=x.dtype, label="ones", shape=x.shape)
+    column = ctx.op("Unsqueeze", [ones, emit.ints(ctx, [1], "axes")], label="ones_column")
+    count = ctx.op("MatMul", [ones, column], label="rows", shape=(1,))
+    zero = emit.scalar(ctx, 0.0, x.dtype, "zero")
+    return ctx.op("Greater", [count, zero], dtype="bool", label="nonempty", shape=(1,))

@@ -41,6 +41,7 @@ from onnxbn.lowering.moment_nodes import (
     SHIFT_SAMPLES,
     channel_vector,
     clamped_ends,
+    has_elements,
     safe_mean,
     zeroed,
 )
@@ -100,9 +101,9 @@ def batch_moments(
             (see `onnxbn/lowering/synchronized.py`).
     """
     if axis == x.rank - 1:
-        d, shift, s1, s2, n = _sums_channel_last(ctx, x, valid)
+        d, shift, s1, s2, n, head = _sums_channel_last(ctx, x, valid)
     else:
-        d, shift, s1, s2, n = _sums_channel_inner(ctx, x, axis, valid)
+        d, shift, s1, s2, n, head = _sums_channel_inner(ctx, x, axis, valid)
     channels = x.shape[axis]
     if synchronized:
         from onnxbn.lowering.synchronized import exchanged_moments
@@ -119,11 +120,9 @@ def batch_moments(
             zero = emit.scalar(ctx, 0.0, x.dtype, "zero")
             nonempty = ctx.op("Greater", [n, zero], dtype="bool", label="nonempty")
         else:
-            # From Size(x), not the count derived from Shape: tract evaluates a
-            # comparison of that count wrongly in a shared layer's second call.
-            size = ctx.op("Size", [x], dtype="int64", shape=(), label="size")
-            zero = emit.ints(ctx, [0], "zero")
-            nonempty = ctx.op("Greater", [size, zero], dtype="bool", label="nonempty")
+            # The head is empty exactly when x is, and small; a Slice of x or
+            # d itself costs onnxruntime a reorder of a blocked Conv output.
+            nonempty = has_elements(ctx, head)
     return Moments(d, channel_vector(ctx, shift, x.shape[axis]), mean_d, var, nonempty, n)
 
 
@@ -135,6 +134,7 @@ def _sums_channel_last(ctx: LoweringContext, x: Value, valid: Value | None):
     """
     dtype, channels = x.dtype, x.shape[-1]
     rows = emit.static_product(x.shape[:-1])
+    head = None
     x2 = x if x.rank == 2 else emit.reshape(ctx, x, [rows, channels], "rows")
     row_count = emit.ints(ctx, [rows], "rows") if rows is not None else None
     if row_count is None:
@@ -146,14 +146,25 @@ def _sums_channel_last(ctx: LoweringContext, x: Value, valid: Value | None):
         if rows is None:
             samples = ctx.constant(np.arange(SHIFT_SAMPLES), "window", "int64")
             window = ctx.op("Slice", [samples, emit.ints(ctx, [0], "start"), end, axis0])
-            head = ctx.op("Gather", [x2, window], axis=0, label="head")
+            head = ctx.op("Gather", [x2, window], axis=0, label="head", shape=(None, channels))
         else:
-            head = ctx.op("Slice", [x2, emit.ints(ctx, [0], "start"), end, axis0], label="head")
+            head = ctx.op(
+                "Slice",
+                [x2, emit.ints(ctx, [0], "start"), end, axis0],
+                label="head",
+                shape=(min(rows, SHIFT_SAMPLES), channels),
+            )
         shift = _head_mean(ctx, head, rows, channels)
     else:
         n, shift, rows_taken = masked_rows_shift(ctx, x2, valid, rows, row_count)
     d2 = _shifted_rows(ctx, x, x2, shift)
-    d = d2 if x.rank == 2 else emit.reshape_like(ctx, d2, x, "shifted")
+    if x.rank == 2:
+        d = d2
+    elif sum(dim is None for dim in x.shape) == 1 and 0 not in x.shape:
+        # No Shape of x: onnxruntime then reorders a blocked Conv output twice.
+        d = emit.reshape(ctx, d2, list(x.shape), "shifted")
+    else:
+        d = emit.reshape_like(ctx, d2, x, "shifted")
     if valid is None:
         ones = emit.constant_of_shape(ctx, row_count, 1.0, dtype)
         squares = ctx.op("Mul", [d2, d2], label="squares", shape=d2.shape)
@@ -161,7 +172,7 @@ def _sums_channel_last(ctx: LoweringContext, x: Value, valid: Value | None):
         s2 = ctx.op("MatMul", [ones, squares], label="sum_sq", shape=(channels,))
     else:
         s1, s2 = gathered_row_sums(ctx, d2, *rows_taken)
-    return d, shift, s1, s2, n
+    return d, shift, s1, s2, n, head
 
 
 def _shifted_rows(ctx, x: Value, x2: Value, shift: Value) -> Value:
@@ -214,19 +225,20 @@ def _head_mean(ctx, head: Value, rows: int | None, channels: int) -> Value:
 
 def _sums_channel_inner(ctx: LoweringContext, x: Value, axis: int, valid: Value | None):
     """Channel before the last axis: ReduceSum(Square) over the other axes."""
+    head = None
     if valid is not None:
         valid, shift, n = masked_inner_shift(ctx, x, axis, valid)
     else:
-        shift, n = _inner_shift(ctx, x, axis)
+        shift, n, head = _inner_shift(ctx, x, axis)
     d = ctx.op("Sub", [x, shift], label="shifted", shape=x.shape)
     s1 = _inner_sum(ctx, "ReduceSum", d, axis, valid, "sum")
     s2 = _inner_sum(ctx, "ReduceSumSquare", d, axis, valid, "sum_sq")
-    return d, shift, s1, s2, n
+    return d, shift, s1, s2, n, head
 
 
-def _inner_shift(ctx, x: Value, axis: int) -> tuple[Value, Value]:
-    """Channel not last, unmasked: `(shift, count)`; the shift is the mean of the
-    first SHIFT_SAMPLES elements of the last axis, at index 0 of the others."""
+def _inner_shift(ctx, x: Value, axis: int) -> tuple[Value, Value, Value]:
+    """Channel not last, unmasked: `(shift, count, head)`; the shift is the mean of
+    the first SHIFT_SAMPLES elements of the last axis, at index 0 of the others."""
     dtype = x.dtype
     axes = [a for a in range(x.rank) if a != axis]
     n = emit.count(ctx, x, axes, dtype)
@@ -235,17 +247,23 @@ def _inner_shift(ctx, x: Value, axis: int) -> tuple[Value, Value]:
     dims_value = None
     if any(d is None for d in dims):
         dims_value = ctx.op("Gather", [emit.shape_of(ctx, x), emit.ints(ctx, axes, "axes")], axis=0)
-    end = clamped_ends(ctx, [1] * (k - 1) + [SHIFT_SAMPLES], dims, dims_value)
+    ends = [1] * (k - 1) + [SHIFT_SAMPLES]
+    end = clamped_ends(ctx, ends, dims, dims_value)
+    head_shape = list(x.shape)
+    for a, e in zip(axes, ends):
+        head_shape[a] = None if x.shape[a] is None else min(x.shape[a], e)
     head = ctx.op(
-        "Slice", [x, emit.ints(ctx, [0] * k, "start"), end, emit.ints(ctx, axes, "axes")],
+        "Slice",
+        [x, emit.ints(ctx, [0] * k, "start"), end, emit.ints(ctx, axes, "axes")],
         label="head",
+        shape=tuple(head_shape),
     )
     # A sum over a safe count, not ReduceMean: an empty batch's shift is 0. The
     # count is the product of the clamped ends: Size(head) or ReduceMean of a
     # head with dynamic dims makes tract's shape analysis take minutes.
     total = emit.reduce(ctx, "ReduceSum", head, axes, keepdims=True, label="head_total")
     count = emit.reduce(ctx, "ReduceProd", end, [0], keepdims=True, label="head_count")
-    return safe_mean(ctx, total, emit.cast(ctx, count, dtype)), n
+    return safe_mean(ctx, total, emit.cast(ctx, count, dtype)), n, head
 
 
 def _inner_sum(ctx, op_type: str, x: Value, axis: int, valid: Value | None, label: str) -> Value:
