@@ -47,7 +47,7 @@ from onnxbn.gradients import Gradients
 from onnxbn.layers.moments import MASK_EPSILON, normalize_axis
 from onnxbn.lowering import emit
 from onnxbn.lowering.context import LoweringContext, Value
-from onnxbn.lowering.moment_nodes import zeroed
+from onnxbn.lowering.moment_nodes import ones_like_rows, zeroed
 
 
 def backward(
@@ -72,7 +72,7 @@ def backward(
     # dy has the output's shape, the shifted data's: its static dims are known there.
     dy = emit.cast(ctx, Value(dy.name, dy.dtype, d.shape), dtype, "dy")
     weighted = ctx.op("Mul", [dy, d], label="dy_shifted", shape=d.shape)
-    total, weighted_sum = _channel_sums(ctx, [dy, weighted], axis)
+    total, weighted_sum = _channel_sums(ctx, [dy, weighted], axis, d)
     centered = ctx.op(
         "Sub", [weighted_sum, ctx.op("Mul", [saved["mean_shifted"], total])], label="dy_centered"
     )
@@ -151,12 +151,15 @@ def _weight_gradients(
     return grads
 
 
-def _channel_sums(ctx: LoweringContext, tensors: list[Value], axis: int) -> list[Value]:
+def _channel_sums(
+    ctx: LoweringContext, tensors: list[Value], axis: int, shifted: Value
+) -> list[Value]:
     """Σ of each tensor (of the same shape) over every axis but `axis`, each `(C,)`.
 
     Channel last: a MatMul by a ones vector on the `(M, C)` view, as the
     forward's sums (onnxruntime's ReduceSum over leading axes is several times
-    slower); otherwise ReduceSum over the axes after the channel, then before it.
+    slower), the ones taken from the layer's `shifted` data (`ones_like_rows`);
+    otherwise ReduceSum over the axes after the channel, then before it.
     """
     shape = tensors[0].shape
     rank, channels = len(shape), shape[axis]
@@ -165,10 +168,8 @@ def _channel_sums(ctx: LoweringContext, tensors: list[Value], axis: int) -> list
         views = [
             t if rank == 2 else emit.reshape(ctx, t, [rows, channels], "rows") for t in tensors
         ]
-        count = emit.ints(ctx, [rows], "rows") if rows is not None else None
-        if count is None:
-            count = emit.shape_of(ctx, views[0], 0, 1)
-        ones = emit.constant_of_shape(ctx, count, 1.0, tensors[0].dtype)
+        shifted = shifted if rank == 2 else emit.reshape(ctx, shifted, [rows, channels], "rows")
+        ones = ones_like_rows(ctx, shifted)
         return [ctx.op("MatMul", [ones, v], label="sum", shape=(channels,)) for v in views]
     sums = []
     for t in tensors:

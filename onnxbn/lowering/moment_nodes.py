@@ -87,3 +87,17 @@ def has_elements(ctx, x: Value) -> Value:
     count = ctx.op("MatMul", [ones, column], label="rows", shape=(1,))
     zero = emit.scalar(ctx, 0.0, x.dtype, "zero")
     return ctx.op("Greater", [count, zero], dtype="bool", label="nonempty", shape=(1,))
+
+
+def ones_like_rows(ctx, rows: Value) -> Value:
+    """`(M,)` ones from the first column of an `(M, C)` value (`Where(c == c, 1, 1)`).
+
+    For a MatMul that sums rows of other values: the ones carry the identity
+    of `rows`, where a ConstantOfShape of the row count would be the same node
+    for two layers fed the same gradient (the branches of a residual Add);
+    tract merges the two identical sums and then evaluates a Dummy op.
+    """
+    column = ctx.op("Gather", [rows, scalar_index(ctx, 0)], axis=1, label="column")
+    one = emit.scalar(ctx, 1.0, rows.dtype, "one")
+    same = ctx.op("Equal", [column, column], dtype="bool", label="cells")
+    return ctx.op("Where", [same, one, one], dtype=rows.dtype, label="ones", shape=column.shape)
