@@ -46,24 +46,6 @@ OPTIMIZERS = {
 TOLERANCE = {"loss": (2e-4, 2e-5), "state": (1e-3, 2e-4)}
 
 
-# tract 0.23 aborts the process ("user-provided comparison function does not correctly
-# implement a total order", a panic in its symbolic-dimension analysis) on the train step of
-# chained Dense/Conv -> BatchNormalization blocks when the batch is dynamic; with the batch
-# fixed (`Input(batch_size=...)`, as tract users pin input facts) the same graph runs.
-TRACT_FIXED_BATCH = {"mlp_bn", "resnet_cnn"}
-
-
-def fixed_batch(model: onnxbn.Model, batch: int) -> onnxbn.Model:
-    """The same model (same weights) with the batch axis of every input fixed to `batch`."""
-    config = copy.deepcopy(model.get_config())
-    for layer in config["layers"]:
-        if layer["class_name"] == "InputLayer":
-            layer["config"]["batch_shape"] = [batch] + list(layer["config"]["batch_shape"][1:])
-    twin = onnxbn.Model.from_config(config)
-    twin.set_weights(model.get_weights())
-    return twin
-
-
 def float64_twin(model: onnxbn.Model) -> onnxbn.Model:
     """The same model with every layer in float64 and the same weights."""
     config = copy.deepcopy(model.get_config())
@@ -221,16 +203,8 @@ def test_sessions_carry_weights_and_optimizer_state():
 @pytest.mark.parametrize("optimizer_name", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
 def test_example_train_step_matches_the_float64_oracle(name, optimizer_name, runtime):
-    if (name, optimizer_name, runtime) == ("resnet_cnn", "sgd", "tract"):
-        pytest.xfail(
-            "tract 0.23 stops with 'eval() called on a Dummy op. This is a bug.' at the SGD "
-            "update of block2_b_bn/beta (the learning-rate Mul after the MatMul that sums the "
-            "gradient is left as a placeholder in its plan; Adam's update of it runs)"
-        )
     model, loss, batches = batches_for(name)
     oracle = eager_oracle(model, loss, optimizer_name, batches)
-    if runtime == "tract" and name in TRACT_FIXED_BATCH:
-        model = fixed_batch(model, len(batches[0][1]))
     step = train_step_model(model, loss, optimizer_name)
     feeds = [{**f, "y_true": t} for f, t in batches]
     results = runtimes.carry_state(runtime, step, feeds)
