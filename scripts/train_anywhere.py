@@ -24,13 +24,14 @@ sys.path.insert(0, ROOT)
 
 def build_and_export(path: str) -> tuple[np.ndarray, np.ndarray]:
     import onnxbn
-    from onnxbn import layers
+    from onnxbn import initializers, layers
 
     x = onnxbn.Input((20,), name="features")
-    h = layers.Dense(32, name="dense")(x)
+    seeded = {"kernel_initializer": initializers.GlorotUniform(seed=1)}  # the same output each run
+    h = layers.Dense(32, name="dense", **seeded)(x)
     h = layers.BatchNormalization(name="bn")(h)
     h = layers.ReLU(name="relu")(h)
-    y = layers.Dense(3, activation="softmax", name="head")(h)
+    y = layers.Dense(3, activation="softmax", name="head", **seeded)(h)
     model = onnxbn.Model(x, y, name="classifier")
     model.compile(optimizer=onnxbn.optimizers.Adam(learning_rate=1e-2),
                   loss="sparse_categorical_crossentropy")  # fmt: skip
