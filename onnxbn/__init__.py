@@ -57,7 +57,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from onnxbn import distributed, layers, reference, runtime
+    from onnxbn import distributed, layers, losses, optimizers, reference, runtime
     from onnxbn.adapt import recalibrate, to_training
     from onnxbn.contract import initial_state
     from onnxbn.dtypes import DTypePolicy

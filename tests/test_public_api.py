@@ -20,7 +20,14 @@ def test_top_level_names():
 
 def test_signatures():
     params = inspect.signature(onnxbn.export_onnx).parameters
-    assert list(params) == ["model_or_layer", "path", "training", "opset", "fold_batchnorm", "train_step"]
+    assert list(params) == [
+        "model_or_layer",
+        "path",
+        "training",
+        "opset",
+        "fold_batchnorm",
+        "train_step",
+    ]
     assert params["training"].kind is inspect.Parameter.KEYWORD_ONLY
     assert list(inspect.signature(onnxbn.Input).parameters) == [
         "shape",

@@ -267,8 +267,9 @@ class LoweringContext:
             return self.constant(np.asarray(variable.value, dtype=np.float64), label, dtype)
         value = self.read_state(variable.path, variable.value, variable.dtype)
         if value.dtype != dtype:
-            value = self.op("Cast", [value], label=label, dtype=dtype, shape=value.shape,
-                            to=onnx_dtype(dtype))
+            value = self.op(
+                "Cast", [value], label=label, dtype=dtype, shape=value.shape, to=onnx_dtype(dtype)
+            )
         return value
 
     def save(self, key: str, value: Any) -> Any:

@@ -35,9 +35,7 @@ def zeroed(ctx, valid: Value, x: Value, label: str, rank: int) -> Value:
     return ctx.op("Where", [valid, x, zero], dtype=x.dtype, shape=x.shape, label=label)
 
 
-def clamped_ends(
-    ctx, ends: list[int], dims: list[int | None], dims_value: Value | None
-) -> Value:
+def clamped_ends(ctx, ends: list[int], dims: list[int | None], dims_value: Value | None) -> Value:
     """Slice `ends` no larger than the dims they index (`dims_value` at run time).
 
     ONNX clamps a Slice end past the dim, but tract does not for a dynamic dim:
