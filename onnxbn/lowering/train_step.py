@@ -46,9 +46,9 @@ def export_train_step(model: Any, opset: int) -> onnx.ModelProto:
     from onnxbn import export
     from onnxbn.layers.input_layer import InputLayer
     from onnxbn.losses import SparseCategoricalCrossentropy
-    from onnxbn.lowering.fused_update import lower_fused_update
     from onnxbn.lowering.input_layer import input_dims
     from onnxbn.lowering.losses import lower_loss
+    from onnxbn.lowering.optimizers import lower_update
     from onnxbn.lowering.regularizers import lower_regularizer
 
     if getattr(model, "optimizer", None) is None or getattr(model, "loss", None) is None:
@@ -125,7 +125,7 @@ def export_train_step(model: Any, opset: int) -> onnx.ModelProto:
             )
         params.append((variable, weights[variable.path], grad))
     with ctx.scope("optimizer"):
-        lower_fused_update(ctx, model.optimizer, params)
+        lower_update(ctx, model.optimizer, params)
     info = helper.make_tensor_value_info(LOSS_OUTPUT, onnx_dtype(total.dtype), [])
     result = export.build_model(ctx, model.name, [info], nodes, True)
     result.metadata_props.add(key=TRAIN_STEP_KEY, value="true")
