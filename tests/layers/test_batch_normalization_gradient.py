@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from onnxbn import distributed, layers
+from tests.distributed.thread_comm import ThreadComm, shared_slots
 
 STEP = 1e-6
 RTOL, ATOL = 1e-6, 1e-7  # central FD in float64: error ~ STEP² and 1e-16 / STEP
@@ -232,32 +233,8 @@ def test_renorm_inference_gradient():
 
 
 # -- synchronized: the gradient of the global batch statistics ----------------
-class ThreadComm:
-    """An in-process stand-in for an mpi4py communicator: one thread per rank."""
-
-    def __init__(self, rank, shared):
-        self.rank, self.shared = rank, shared
-
-    def Get_size(self):  # noqa: N802 (mpi4py's name)
-        return len(self.shared["slots"])
-
-    def Get_rank(self):  # noqa: N802
-        return self.rank
-
-    def allgather(self, obj):
-        slots, barrier = self.shared["slots"], self.shared["barrier"]
-        slots[self.rank] = obj
-        barrier.wait()
-        gathered = list(slots)
-        barrier.wait()
-        return gathered
-
-
 def run_replicas(replicas, batches, masks_, projections, training=True):
-    shared = {
-        "slots": [None] * len(replicas),
-        "barrier": threading.Barrier(len(replicas), timeout=30),
-    }
+    shared = shared_slots(len(replicas))
     results, errors = [None] * len(replicas), []
 
     def run(rank):

@@ -18,6 +18,7 @@ import onnxbn
 from onnxbn import distributed, initializers, layers
 from onnxbn.dtypes import to_numpy_dtype
 from onnxbn.layers.renormalization import batch_renormalization
+from tests.distributed.thread_comm import ThreadComm, shared_slots
 from tests.oracle import TOLERANCES, renorm_oracle
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "keras"
@@ -272,33 +273,12 @@ def test_pure_function_matches_the_oracle_with_global_moments():
         np.testing.assert_allclose(getattr(result, name), value, rtol=2e-6, atol=2e-6)
 
 
-class ThreadComm:
-    """An in-process stand-in for an mpi4py communicator: one thread per rank."""
-
-    def __init__(self, rank, shared):
-        self.rank, self.shared = rank, shared
-
-    def Get_size(self):  # noqa: N802 (mpi4py's name)
-        return len(self.shared["slots"])
-
-    def Get_rank(self):  # noqa: N802
-        return self.rank
-
-    def allgather(self, obj):
-        slots, barrier = self.shared["slots"], self.shared["barrier"]
-        slots[self.rank] = obj
-        barrier.wait()
-        gathered = list(slots)
-        barrier.wait()
-        return gathered
-
-
 def test_synchronized_replicas_use_the_global_batch():
     steps, sizes = 3, [5, 0, 9]
     batches = [data((sum(sizes), 4, 3), seed=20 + s) for s in range(steps)]
     masks = [np.random.default_rng(s).random((sum(sizes), 4)) > 0.3 for s in range(steps)]
     starts = np.cumsum([0] + sizes)
-    shared = {"slots": [None] * len(sizes), "barrier": threading.Barrier(len(sizes), timeout=30)}
+    shared = shared_slots(len(sizes))
     kwargs = dict(synchronized=True, momentum=0.6, renorm_momentum=0.4, name="bn")
     replicas = [make_layer(3, ndim=3, renorm_clipping={"rmax": 1.2}, **kwargs) for _ in sizes]
     outputs = [[] for _ in sizes]
