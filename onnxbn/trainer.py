@@ -208,7 +208,7 @@ class Trainer:
             batch_size: samples per step (32 when None); the last batch may be smaller.
             epochs: number of passes over the data.
             shuffle: shuffle the samples before each epoch.
-            verbose: `"auto"` or 1 draws a progress bar on a terminal, 0 is silent.
+            verbose: `"auto"` draws a progress bar on a terminal, 1 always, 0 never.
             sample_weight: optional per-sample weights.
             seed: seed of the shuffling (None: a fresh generator).
 
@@ -237,12 +237,17 @@ class Trainer:
         samples = counts.pop()
         rng = np.random.default_rng(seed)
         history = History()
-        show = verbose == 1 or (verbose == "auto" and _interactive())
+        from tqdm import tqdm
+
+        # tqdm's own rule for "auto" (disable=None): a bar only on a terminal.
+        disable = None if verbose == "auto" else not verbose
         steps = -(-samples // int(batch_size))
         for epoch in range(int(epochs)):
             order = rng.permutation(samples) if shuffle else np.arange(samples)
             total, seen = 0.0, 0
-            bar = _progress(steps, f"Epoch {epoch + 1}/{epochs}", show)
+            bar = tqdm(
+                total=steps, desc=f"Epoch {epoch + 1}/{epochs}", unit="step", disable=disable
+            )
             for start in range(0, samples, int(batch_size)):
                 index = order[start : start + int(batch_size)]
                 bx = [a[index] for a in xs]
@@ -254,11 +259,9 @@ class Trainer:
                 )
                 total += loss * len(index)
                 seen += len(index)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{total / seen:.4f}")
-            if bar is not None:
-                bar.close()
+                bar.update(1)
+                bar.set_postfix(loss=f"{total / seen:.4f}")
+            bar.close()
             history.epoch.append(epoch)
             history.history["loss"].append(total / max(seen, 1))
         return history
@@ -271,17 +274,3 @@ def _accumulate(table: dict, key: Any, grad: Any) -> None:
 
 def _as_list(value: Any) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def _interactive() -> bool:
-    import sys
-
-    return bool(getattr(sys.stderr, "isatty", lambda: False)())
-
-
-def _progress(steps: int, description: str, show: bool) -> Any:
-    if not show:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=steps, desc=description, unit="step")
