@@ -97,20 +97,10 @@ def sum_to_shape(ctx: LoweringContext, grad: Value, shape: Shape) -> Value:
 # -- small arithmetic ------------------------------------------------------------------
 
 
-def scalar(ctx: LoweringContext, value: float, dtype: str, label: str) -> Value:
-    """A rank-0 constant: `emit.scalar`, its initializer kept rank 0 (`ctx.constant`
-    stores 0-d arrays as `[1]`, which would make the scalar loss `[1]`)."""
-    scalar = emit.scalar(ctx, value, dtype, label)
-    tensor = ctx.initializers[-1]
-    if tensor.name == scalar.name:
-        del tensor.dims[:]
-    return scalar
-
-
 def last_dim(ctx: LoweringContext, x: Value, dtype: str) -> Value:
     """`x.shape[-1]` as a rank-0 `dtype` value (a constant when static)."""
     if x.shape[-1] is not None:
-        return scalar(ctx, float(x.shape[-1]), dtype, "count")
+        return emit.scalar(ctx, float(x.shape[-1]), dtype, "count")
     size = ctx.op("Shape", [x], dtype="int64", label="count", start=-1)
     size = emit.cast(ctx, size, dtype, "count")
     return ctx.op(
@@ -141,16 +131,16 @@ def per_element(ctx: LoweringContext, dvalues: Value, count: Value | None = None
 
 def safe_divisor(ctx: LoweringContext, n: Value) -> Value:
     """`n`, or 1 where it is 0 (whatever is divided is then 0: `divide_no_nan`)."""
-    zero = scalar(ctx, 0.0, n.dtype, "zero")
-    one = scalar(ctx, 1.0, n.dtype, "one")
+    zero = emit.scalar(ctx, 0.0, n.dtype, "zero")
+    one = emit.scalar(ctx, 1.0, n.dtype, "one")
     is_zero = ctx.op("Equal", [n, zero], dtype="bool", label="is_zero", shape=n.shape)
     return ctx.op("Where", [is_zero, one, n], dtype=n.dtype, label="divisor", shape=n.shape)
 
 
 def clip(ctx: LoweringContext, p: Value) -> tuple[Value, Value]:
     """`clip(p, eps, 1 - eps)` and the 0/1 factor that lets the gradient through."""
-    low = scalar(ctx, EPSILON, p.dtype, "epsilon")
-    high = scalar(ctx, 1.0 - EPSILON, p.dtype, "one_minus_epsilon")
+    low = emit.scalar(ctx, EPSILON, p.dtype, "epsilon")
+    high = emit.scalar(ctx, 1.0 - EPSILON, p.dtype, "one_minus_epsilon")
     clipped = ctx.op("Clip", [p, low, high], label="clipped", shape=p.shape)
     above = ctx.op("GreaterOrEqual", [p, low], dtype="bool", label="above", shape=p.shape)
     below = ctx.op("LessOrEqual", [p, high], dtype="bool", label="below", shape=p.shape)
@@ -200,13 +190,13 @@ def sum_over_batch_size(
         mask_weight = ctx.op(
             "Div", [total, safe_divisor(ctx, count)], label="mask_weight", shape=()
         )
-        zero = scalar(ctx, 0.0, dtype, "zero")
+        zero = emit.scalar(ctx, 0.0, dtype, "zero")
         weight = ctx.op("Where", [valid, mask_weight, zero], label="weight", shape=valid.shape)
         weighted = ctx.op("Mul", [aligned, weight], label="weighted", shape=aligned.shape)
     else:
         weighted = values
     if weighted.rank == 0:  # Keras returns a scalar unreduced
-        one = scalar(ctx, 1.0, dtype, "one")
+        one = emit.scalar(ctx, 1.0, dtype, "one")
         return weighted, (one if weight is None else weight)
     size = emit.cast(
         ctx, ctx.op("Size", [weighted], dtype="int64", label="size", shape=()), dtype, "size"

@@ -31,7 +31,6 @@ from onnxbn.lowering.loss_nodes import (
     mean_last,
     per_element,
     require_same_shape,
-    scalar,
     squeeze_last,
     sum_last,
     sum_over_batch_size,
@@ -93,7 +92,7 @@ def lower_loss(
 
 def _smooth(ctx: LoweringContext, t: Value, factor: float, offset: Value) -> Value:
     """`t * (1 - factor) + offset` (label smoothing)."""
-    keep = scalar(ctx, 1.0 - factor, t.dtype, "keep")
+    keep = emit.scalar(ctx, 1.0 - factor, t.dtype, "keep")
     scaled = ctx.op("Mul", [t, keep], label="smoothed", shape=t.shape)
     return ctx.op("Add", [scaled, offset], label="smoothed", shape=t.shape)
 
@@ -115,10 +114,10 @@ def _elementwise_error(
     def backward(dvalues: Value) -> Value:
         g = per_element(ctx, dvalues, count)
         if squared:
-            two = scalar(ctx, 2.0, diff.dtype, "two")
+            two = emit.scalar(ctx, 2.0, diff.dtype, "two")
             slope = ctx.op("Mul", [diff, two], label="slope", shape=shape)
         else:  # sign(diff), 0 at 0, by comparisons (the reference interpreter has no Sign)
-            zero = scalar(ctx, 0.0, diff.dtype, "zero")
+            zero = emit.scalar(ctx, 0.0, diff.dtype, "zero")
             pos = emit.cast(
                 ctx,
                 ctx.op("Greater", [diff, zero], dtype="bool", label="positive"),
@@ -161,9 +160,9 @@ def _binary_crossentropy(
     require_same_shape(loss.name, t, y_pred)
     shape, dtype = y_pred.shape, y_pred.dtype
     if loss.label_smoothing:
-        half = scalar(ctx, 0.5 * loss.label_smoothing, dtype, "half_smoothing")
+        half = emit.scalar(ctx, 0.5 * loss.label_smoothing, dtype, "half_smoothing")
         t = _smooth(ctx, t, loss.label_smoothing, half)
-    one = scalar(ctx, 1.0, dtype, "one")
+    one = emit.scalar(ctx, 1.0, dtype, "one")
     p = _sigmoid(ctx, y_pred, one) if loss.from_logits else y_pred
     c, inside = clip(ctx, p)
     not_t = ctx.op("Sub", [one, t], label="not_target", shape=shape)
@@ -261,7 +260,7 @@ def _categorical_crossentropy(ctx, loss, t, y_pred):
         classes = last_dim(ctx, t, t.dtype)
         share = ctx.op(
             "Div",
-            [scalar(ctx, loss.label_smoothing, t.dtype, "smoothing"), classes],
+            [emit.scalar(ctx, loss.label_smoothing, t.dtype, "smoothing"), classes],
             label="smoothing_share",
             shape=(),
         )
