@@ -17,7 +17,7 @@ import onnx
 from onnx import helper
 
 import onnxbn.lowering  # noqa: F401 - registers every rule
-from onnxbn.dtypes import standardize_dtype
+from onnxbn.dtypes import standardize_dtype, to_numpy_dtype
 from onnxbn.lowering.context import CallRecord, LoweringContext, Value, onnx_dtype
 from onnxbn.lowering.registry import lookup_gradient, lookup_lowering
 
@@ -82,7 +82,7 @@ def gradient_model(
         y = lookup_lowering(op)(ctx, op, *operands, **lowered_params)
     ctx.current_call = None
     call.output = y
-    dy_value = declare("dy", np.asarray(dy, dtype=feeds_dtype(y.dtype)))
+    dy_value = declare("dy", np.asarray(dy, dtype=to_numpy_dtype(y.dtype)))
     with ctx.scope(op.name + "/grad"):
         grads = lookup_gradient(op)(ctx, op, call, dy_value)
     # Each output declares the shape of what it is a gradient of (the checker wants one).
@@ -116,8 +116,3 @@ def gradient_model(
     names = [name for _, name, _ in outputs] + [i.name for i in state_infos]
     return model, feeds, names
 
-
-def feeds_dtype(dtype: str) -> Any:
-    from onnxbn.dtypes import to_numpy_dtype
-
-    return to_numpy_dtype(dtype)
