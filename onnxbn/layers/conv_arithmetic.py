@@ -1,4 +1,4 @@
-"""Convolution arithmetic in NumPy: per-axis padding and output sizes, and `convolve`.
+"""Convolution arithmetic in NumPy: padding, output sizes, the convolution and its pullback.
 
 What `Conv1D`/`Conv2D` (`onnxbn/layers/conv.py`) compute, as plain functions:
 TensorFlow/JAX padding of `"valid"`, `"same"` and `"causal"`, and a
@@ -40,32 +40,6 @@ def conv_output_size(
     return math.floor((size - 1) / stride) + 1
 
 
-def convolve(
-    x: np.ndarray,
-    kernel: np.ndarray,
-    *,
-    strides: tuple[int, ...],
-    dilation_rate: tuple[int, ...],
-    padding: str,
-    groups: int,
-) -> np.ndarray:
-    """Channels-last grouped cross-correlation in the input's dtype (float64 here).
-
-    Args:
-        x: `(batch, *spatial, in_channels)`.
-        kernel: `(*kernel_size, in_channels // groups, filters)`.
-        strides, dilation_rate: one int per spatial axis.
-        padding: `"valid"`, `"same"` or `"causal"`.
-        groups: number of channel groups.
-
-    Returns:
-        `(batch, *out_spatial, filters)`.
-    """
-    return convolve_vjp(
-        x, kernel, strides=strides, dilation_rate=dilation_rate, padding=padding, groups=groups
-    )[0]
-
-
 def convolve_vjp(
     x: np.ndarray,
     kernel: np.ndarray,
@@ -75,13 +49,18 @@ def convolve_vjp(
     padding: str,
     groups: int,
 ) -> tuple[np.ndarray, Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]]:
-    """`convolve` and its pullback.
+    """Channels-last grouped cross-correlation (float64 here) and its pullback.
 
     Args:
-        x, kernel, strides, dilation_rate, padding, groups: as for `convolve`.
+        x: `(batch, *spatial, in_channels)`.
+        kernel: `(*kernel_size, in_channels // groups, filters)`.
+        strides, dilation_rate: one int per spatial axis.
+        padding: `"valid"`, `"same"` or `"causal"`.
+        groups: number of channel groups.
 
     Returns:
-        `(y, pullback)`: `convolve`'s result and `pullback(dy) -> (dx, dkernel)`,
+        `(y, pullback)`: `y` of shape `(batch, *out_spatial, filters)` and
+        `pullback(dy) -> (dx, dkernel)`,
         the gradients with respect to `x` and `kernel` for the gradient `dy` of
         `y` (float64).
     """
