@@ -406,3 +406,15 @@ def test_bfloat16_slots_keep_the_variable_dtype():
     opt = Adam()
     opt.apply([np.ones(3)], [v])
     assert all(a.dtype == ml_dtypes.bfloat16 for _, a in opt.variables[1:])
+
+
+def test_apply_gradients_takes_keras_pairs():
+    variables = _variables("float32")
+    initial = [v.numpy() for v in variables]
+    steps = _grads(variables, 2)
+    opt = SGD(learning_rate=0.1, momentum=0.9)
+    for k, grads in enumerate(steps):
+        assert opt.apply_gradients(list(zip(grads, variables))) == k + 1
+    for i, v in enumerate(variables):
+        history, _ = keras_sgd(initial[i], [s[i] for s in steps], "float32", 0.1, 0.9)
+        np.testing.assert_allclose(v.value.astype(np.float64), history[-1], rtol=RTOL["float32"])

@@ -230,30 +230,6 @@ class LoweringContext:
                 full[name] = helper.get_attribute_value(attr.default_value)
         return full
 
-    @contextlib.contextmanager
-    def branch(self) -> Iterator[list[onnx.NodeProto]]:
-        """Nodes created inside go to the yielded list (the body of an If branch).
-
-        Constants still become initializers of the main graph, which subgraphs
-        may read, like any outer-scope value.
-        """
-        outer = self.nodes
-        self.nodes = []
-        try:
-            yield self.nodes
-        finally:
-            self.nodes = outer
-
-    def branch_graph(
-        self, nodes: list[onnx.NodeProto], outputs: Sequence[Value], label: str
-    ) -> onnx.GraphProto:
-        """A subgraph of `nodes` returning `outputs` (each with a static shape)."""
-        infos = [
-            helper.make_tensor_value_info(v.name, onnx_dtype(v.dtype), list(v.shape))
-            for v in outputs
-        ]
-        return helper.make_graph(nodes, self.fresh(label), [], infos)
-
     # -- weights and saved intermediates (train step) ---------------------------
     def weight(self, variable: Any, label: str, dtype: str) -> Value:
         """A layer weight as a value of `dtype`.
