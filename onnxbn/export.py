@@ -265,7 +265,7 @@ def lower_nodes(
                         record.saved[key] = Value(values[id(tensor)].name, saved.dtype, saved.shape)
         if record is not None:
             record.output = outputs[0]
-            records.append((node, record))
+            records.append(record)
     return values
 
 

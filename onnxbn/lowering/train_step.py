@@ -25,7 +25,7 @@ from onnx import helper
 
 from onnxbn.contract import TRAIN_STEP_KEY
 from onnxbn.dtypes import is_float
-from onnxbn.lowering.context import LoweringContext, Value, onnx_dtype
+from onnxbn.lowering.context import CallRecord, LoweringContext, Value, onnx_dtype
 from onnxbn.lowering.registry import lookup_gradient
 
 LOSS_OUTPUT = "loss"
@@ -77,7 +77,7 @@ def export_train_step(model: Any, opset: int) -> onnx.ModelProto:
             targets.append(ctx.add_input(name, tensor.dtype, dims))
     ctx.trainable_paths = {v.path for v in variables}
     weights = {v.path: ctx.read_state(v.path, v.value, v.dtype) for v in variables}
-    records: list = []
+    records: list[CallRecord] = []
     values = export.lower_nodes(ctx, nodes, flags, records)
 
     grads: dict[str, Value] = {}  # by tensor name
@@ -91,7 +91,7 @@ def export_train_step(model: Any, opset: int) -> onnx.ModelProto:
             _accumulate(ctx, grads, y_pred.name, grad)
     weight_grads: dict[str, Value] = {}
     with ctx.scope("gradient"):
-        for _node, record in reversed(records):
+        for record in reversed(records):
             dy = grads.get(record.output.name)
             if dy is None or not is_float(record.output.dtype):
                 continue
