@@ -23,25 +23,12 @@ import numpy as np
 
 from onnxbn.gradients import sum_to_shape
 from onnxbn.serialization import short_repr
+from onnxbn.tensor import as_float64
 
 EPSILON = 1e-7  # keras.backend.epsilon()
 REDUCTION = "sum_over_batch_size"
 
 Backward = Callable[[np.ndarray], np.ndarray]
-
-
-def as_float64(x: Any, name: str) -> np.ndarray:
-    """`x` as a float64 array (bools and integers too, as Keras casts them)."""
-    try:
-        array = np.asarray(x)
-        if array.dtype.kind not in "biuf" and array.dtype.name != "bfloat16":
-            raise TypeError
-        return array.astype(np.float64)
-    except (TypeError, ValueError):
-        raise TypeError(
-            f"Expected `{name}` to be a numeric array. Received: "
-            f"{short_repr(x)} of type {type(x).__name__}."
-        ) from None
 
 
 def squeeze_or_expand_to_same_rank(
@@ -96,9 +83,9 @@ def weights_and_reduce(
     values: np.ndarray, sample_weight: Any, mask: Any
 ) -> tuple[float, np.ndarray]:
     """Keras's `reduce_weighted_values` for `sum_over_batch_size`, with d(loss)/d(values)."""
-    weight = None if sample_weight is None else as_float64(sample_weight, "sample_weight")
+    weight = None if sample_weight is None else as_float64(sample_weight, "`sample_weight`")
     if mask is not None:
-        valid = as_float64(mask, "mask") != 0  # Keras casts the mask to bool
+        valid = as_float64(mask, "`mask`") != 0  # Keras casts the mask to bool
         count = np.count_nonzero(valid)
         float_mask = np.where(valid, valid.size / count if count else 0.0, 0.0)
         if weight is None:
@@ -207,9 +194,9 @@ class Loss:
     def _evaluate(
         self, y_true: Any, y_pred: Any, sample_weight: Any, mask: Any, *, gradient: bool
     ) -> tuple[float, Any]:
-        y_pred = as_float64(y_pred, "y_pred")
+        y_pred = as_float64(y_pred, "`y_pred`")
         y_true_aligned, y_pred_aligned = squeeze_or_expand_to_same_rank(
-            as_float64(y_true, "y_true"), y_pred
+            as_float64(y_true, "`y_true`"), y_pred
         )
         with np.errstate(all="ignore"):  # NaN and infinities propagate as in Keras
             values, backward = self.call(y_true_aligned, y_pred_aligned)

@@ -22,6 +22,7 @@ from onnxbn.serialization import (
     short_repr,
     to_snake_case,
 )
+from onnxbn.tensor import as_float64
 
 REGULARIZERS: Registry[str, type] = Registry("regularizer")
 MODULE = "keras.regularizers"
@@ -56,18 +57,8 @@ def validate_float_arg(value: Any, name: str) -> float:
     return number
 
 
-def _as_float64(x: Any) -> np.ndarray:
-    """The weights as a float64 array; non-numeric input is a TypeError."""
-    try:
-        array = np.asarray(x)
-        if array.dtype.kind not in "biuf" and array.dtype.name != "bfloat16":
-            raise TypeError
-        return array.astype(np.float64)
-    except (TypeError, ValueError):
-        raise TypeError(
-            "Expected a numeric array to regularize. Received: "
-            f"{short_repr(x)} of type {type(x).__name__}."
-        ) from None
+def _weights(x: Any) -> np.ndarray:
+    return as_float64(x, "the regularized weights")
 
 
 class Regularizer:
@@ -82,7 +73,7 @@ class Regularizer:
         Where the penalty has a kink (`abs` at 0), the gradient there is 0,
         as the backends' `sign` gives.
         """
-        return np.zeros(np.shape(_as_float64(x)))
+        return np.zeros(np.shape(_weights(x)))
 
     def get_config(self) -> dict:
         """Returns the constructor arguments as a JSON-simple dict."""
@@ -115,7 +106,7 @@ class L1L2(Regularizer):
         self.l2 = validate_float_arg(0.0 if l2 is None else l2, name="l2")
 
     def __call__(self, x: Any) -> np.float64:
-        x = _as_float64(x)
+        x = _weights(x)
         penalty = np.float64(0.0)
         if self.l1 != 0.0:
             penalty += self.l1 * np.sum(np.abs(x))
@@ -124,7 +115,7 @@ class L1L2(Regularizer):
         return np.float64(penalty)
 
     def gradient(self, x: Any) -> np.ndarray:
-        x = _as_float64(x)
+        x = _weights(x)
         grad = np.zeros(x.shape)
         if self.l1 != 0.0:
             grad += self.l1 * np.sign(x)
@@ -148,10 +139,10 @@ class L1(Regularizer):
         self.l1 = validate_float_arg(0.01 if l1 is None else l1, name="l1")
 
     def __call__(self, x: Any) -> np.float64:
-        return np.float64(self.l1 * np.sum(np.abs(_as_float64(x))))
+        return np.float64(self.l1 * np.sum(np.abs(_weights(x))))
 
     def gradient(self, x: Any) -> np.ndarray:
-        return self.l1 * np.sign(_as_float64(x))
+        return self.l1 * np.sign(_weights(x))
 
     def get_config(self) -> dict:
         return {"l1": self.l1}
@@ -169,10 +160,10 @@ class L2(Regularizer):
         self.l2 = validate_float_arg(0.01 if l2 is None else l2, name="l2")
 
     def __call__(self, x: Any) -> np.float64:
-        return np.float64(self.l2 * np.sum(np.square(_as_float64(x))))
+        return np.float64(self.l2 * np.sum(np.square(_weights(x))))
 
     def gradient(self, x: Any) -> np.ndarray:
-        return 2.0 * self.l2 * _as_float64(x)
+        return 2.0 * self.l2 * _weights(x)
 
     def get_config(self) -> dict:
         return {"l2": self.l2}
@@ -197,7 +188,7 @@ class OrthogonalRegularizer(Regularizer):
 
     def _rows(self, x: Any) -> np.ndarray:
         """The weight as float64 rows to orthogonalize (columns transposed)."""
-        x = _as_float64(x)
+        x = _weights(x)
         if x.ndim != 2:
             raise ValueError(
                 "Inputs to OrthogonalRegularizer must have rank 2. Received: "

@@ -129,3 +129,23 @@ def to_array(value: Any, what: str) -> np.ndarray:
             f"{what} must be a numeric or bool array, received dtype {array.dtype}."
         ) from None
     return array
+
+
+def as_float64(value: Any, what: str) -> np.ndarray:
+    """`value` as a float64 array: numeric and bool data, cast as Keras casts it.
+
+    Raises:
+        TypeError: non-numeric data, naming `what` (e.g. "`y_true`").
+    """
+    try:
+        array = np.asarray(value)
+        if array.dtype.kind not in "biuf" and array.dtype.name != "bfloat16":
+            raise TypeError
+        return array.astype(np.float64)
+    except (TypeError, ValueError):
+        from onnxbn.serialization import short_repr
+
+        raise TypeError(
+            f"Expected {what} to be a numeric array. Received: "
+            f"{short_repr(value)} of type {type(value).__name__}."
+        ) from None
